@@ -1,0 +1,137 @@
+"""Property tests of the Plan ops and bipartite soft matching (ALGORITHMS.md section 9)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tmcore
+from tmcore.plan import Plan, compose_source, destinations, identity_source, reduce, source_matrix, unmerge
+from tmcore.testing import matching_cases
+
+
+def _plan(case):
+    return tmcore.bipartite_soft_matching(case.metric, case.r, case.num_protected)
+
+
+@given(matching_cases())
+def test_output_length_and_size_conserved(case):
+    plan = _plan(case)
+    x, size = tmcore.merge_weighted(case.x, plan, case.size)
+    n = case.metric.shape[1]
+    assert x.shape == (case.x.shape[0], n - case.r, case.x.shape[2])
+    torch.testing.assert_close(size.sum(1), case.size.sum(1), rtol=0, atol=0)
+
+
+@given(matching_cases())
+def test_protected_tokens_stay_in_place(case):
+    plan = _plan(case)
+    p = case.num_protected
+    x, size = tmcore.merge_weighted(case.x, plan, case.size)
+    assert torch.equal(plan.keep[:, :p], torch.arange(p).expand(plan.keep.shape[0], p))
+    assert not torch.isin(plan.src, torch.arange(p)).any(), "a protected token merged away"
+    assert not (plan.src_dst < p).any(), "a token merged into a protected token"
+    torch.testing.assert_close(x[:, :p], case.x[:, :p])
+    torch.testing.assert_close(size[:, :p], case.size[:, :p])
+
+
+@given(matching_cases())
+def test_every_input_token_lands_in_exactly_one_output(case):
+    plan = _plan(case)
+    dest = destinations(plan)
+    assert ((dest >= 0) & (dest < plan.num_out)).all()
+    src = compose_source(identity_source(*dest.shape), plan)
+    assert torch.equal(src, dest)
+    matrix = source_matrix(src, plan.num_out)
+    assert torch.equal(matrix.sum(1), torch.ones_like(dest))
+    assert (matrix.sum(2) >= 1).all(), "an output slot without any input token"
+
+
+@given(matching_cases(), st.integers(0, 2**31 - 1))
+def test_source_composes_over_layers(case, seed):
+    """Two layers: the composed source map agrees with the sizes the merges produced."""
+    plan1 = _plan(case)
+    x1, s1 = tmcore.merge_weighted(case.x, plan1, None)
+    n1 = plan1.num_out
+    gen = torch.Generator().manual_seed(seed)
+    metric2 = torch.randn(case.x.shape[0], n1, 4, generator=gen, dtype=torch.float64)
+    r2 = min(case.r, tmcore.matching.max_bipartite_r(n1, case.num_protected))
+    plan2 = tmcore.bipartite_soft_matching(metric2, r2, case.num_protected)
+    _, s2 = tmcore.merge_weighted(x1, plan2, s1)
+    src = compose_source(compose_source(identity_source(case.x.shape[0], case.x.shape[1]), plan1), plan2)
+    assert torch.equal(source_matrix(src, plan2.num_out).sum(2).to(s2.dtype), s2.squeeze(-1))
+
+
+@given(matching_cases())
+def test_unmerge_restores_length_and_unmerged_values(case):
+    plan = _plan(case)
+    y, size = tmcore.merge_weighted(case.x, plan, case.size)
+    back = unmerge(y, plan)
+    assert back.shape == case.x.shape
+    # a token whose group holds only itself comes back unchanged ...
+    alone = (reduce(torch.ones_like(case.size), plan) == 1).squeeze(-1)
+    dest = destinations(plan)
+    untouched = alone.gather(1, dest)
+    torch.testing.assert_close(back[untouched], case.x[untouched])
+    # ... and every token comes back as its group's value
+    torch.testing.assert_close(back, y.gather(1, dest.unsqueeze(-1).expand_as(case.x)))
+
+
+@given(matching_cases())
+def test_identical_tokens_merge_to_themselves(case):
+    plan = _plan(case)
+    x = case.x[:, :1].expand_as(case.x).contiguous()  # every token of a sample is the same vector
+    merged, _ = tmcore.merge_weighted(x, plan, case.size)
+    torch.testing.assert_close(merged, x[:, : plan.num_out], rtol=1e-12, atol=1e-12)
+
+
+@given(matching_cases(max_batch=4))
+def test_batched_equals_per_sample(case):
+    plan = _plan(case)
+    x, size = tmcore.merge_weighted(case.x, plan, case.size)
+    for i in range(case.x.shape[0]):
+        one = tmcore.bipartite_soft_matching(case.metric[i : i + 1], case.r, case.num_protected)
+        assert torch.equal(one.keep, plan.keep[i : i + 1])
+        assert torch.equal(one.src, plan.src[i : i + 1])
+        assert torch.equal(one.src_dst, plan.src_dst[i : i + 1])
+        xi, si = tmcore.merge_weighted(case.x[i : i + 1], one, case.size[i : i + 1])
+        torch.testing.assert_close(xi, x[i : i + 1], rtol=0, atol=0)
+
+
+def test_r_zero_is_identity():
+    metric, x = torch.randn(2, 9, 4), torch.randn(2, 9, 3)
+    plan = tmcore.bipartite_soft_matching(metric, 0, 1)
+    assert torch.equal(tmcore.reduce(x, plan), x)
+
+
+def test_reduce_modes_include_the_slot_itself():
+    x = torch.tensor([[[1.0], [5.0], [3.0]]])
+    plan = Plan(keep=torch.tensor([[0, 2]]), src=torch.tensor([[1]]), src_dst=torch.tensor([[0]]), num_in=3)
+    assert reduce(x, plan, "sum").flatten().tolist() == [6.0, 3.0]
+    assert reduce(x, plan, "mean").flatten().tolist() == [3.0, 3.0]
+    assert reduce(x, plan, "amax").flatten().tolist() == [5.0, 3.0]
+
+
+def test_prune_plan_drops_tokens():
+    x = torch.arange(5.0).view(1, 5, 1)
+    plan = Plan.prune(torch.tensor([[0, 3, 1]]), num_in=5)
+    assert reduce(x, plan).flatten().tolist() == [0.0, 3.0, 1.0]
+    assert destinations(plan).tolist() == [[0, 2, -1, 1, -1]]
+    assert unmerge(reduce(x, plan), plan).flatten().tolist() == [0.0, 1.0, 0.0, 3.0, 0.0]
+
+
+def test_matching_rejects_r_beyond_the_limit():
+    import pytest
+
+    with pytest.raises(ValueError, match="outside"):
+        tmcore.bipartite_soft_matching(torch.randn(1, 9, 4), 5, 1)
+
+
+def test_merge_weighted_gradients_flow():
+    x = torch.randn(2, 11, 5, requires_grad=True)
+    size = torch.ones(2, 11, 1)
+    plan = tmcore.bipartite_soft_matching(torch.randn(2, 11, 4), 4, 1)
+    y, _ = tmcore.merge_weighted(x, plan, size * 2)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad.sum(), torch.tensor(2 * 7 * 5.0))

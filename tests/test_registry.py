@@ -1,0 +1,129 @@
+"""Plugin discovery through real entry points: distributions written as ``*.dist-info`` folders
+on ``sys.path``, exactly what ``pip install`` leaves behind, found by ``importlib.metadata``."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import tmcore
+from tmcore import PluginError, PluginLoadWarning, UnknownReducerError
+from tmcore.registry import registry
+
+THIRD_PARTY = '''
+import tmcore
+from tmcore import BaseReducer, Plan, ReducerConfig
+from pydantic import Field
+
+
+class KeepFirstConfig(ReducerConfig):
+    keep: int = Field(ge=1, description="tokens kept")
+
+
+class KeepFirst(BaseReducer):
+    """A do-nothing reducer with a config, for discovery tests."""
+
+    name = "keep_first"
+    config_model = KeepFirstConfig
+    requires = frozenset()
+    merge_only = False
+
+    def score(self, layer, inputs, state):
+        return None
+
+    def match(self, layer, scores, state):
+        return None
+
+
+@tmcore.hookimpl
+def tmcore_register_reducers(register):
+    register(KeepFirst)
+'''
+
+
+def _install(site: Path, dist: str, module: str, source: str, entry: str | None = None) -> None:
+    """Write a minimal installed distribution: a module plus its dist-info with an entry point."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[tmcore]\n{entry or module} = {module}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    monkeypatch.undo()
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", "")).startswith(str(tmp_path)):
+            del sys.modules[name]
+    registry.reload()
+
+
+def test_third_party_plugin_is_discovered(site):
+    _install(site, "tm-keep-first", "tm_keep_first", THIRD_PARTY)
+    registry.reload()
+    by_name = {r.name: r for r in tmcore.reducers()}
+    assert by_name["keep_first"].distribution == "tm-keep-first"
+    assert by_name["keep_first"].version == "1.2.3"
+    assert "tome" in by_name
+    plugin = {p.distribution: p for p in tmcore.plugins()}["tm-keep-first"]
+    assert plugin.reducers == ["keep_first"] and plugin.error is None
+
+
+def test_broken_plugin_is_skipped_with_a_warning(site):
+    _install(site, "tm-broken", "tm_broken", "raise RuntimeError('boom at import')\n")
+    _install(site, "tm-keep-first", "tm_keep_first", THIRD_PARTY)
+    with pytest.warns(PluginLoadWarning, match=r"tm-broken 1\.2\.3.*RuntimeError: boom at import"):
+        registry.reload()
+    names = {r.name for r in tmcore.reducers()}
+    assert {"keep_first", "tome"} <= names
+    assert {p.distribution: p for p in tmcore.plugins()}["tm-broken"].error == "RuntimeError: boom at import"
+
+
+def test_plugin_whose_hook_raises_is_skipped(site):
+    source = "import tmcore\n\n@tmcore.hookimpl\ndef tmcore_register_reducers(register):\n    raise KeyError('nope')\n"
+    _install(site, "tm-raises", "tm_raises", source)
+    with pytest.warns(PluginLoadWarning, match="tm-raises"):
+        registry.reload()
+    assert "tome" in {r.name for r in tmcore.reducers()}
+
+
+def test_duplicate_name_names_both_distributions(site):
+    source = "import tmcore\nfrom tm_tome import ToMe\n\n@tmcore.hookimpl\ndef tmcore_register_reducers(register):\n    register(ToMe)\n"
+    _install(site, "tm-tome-fork", "tm_tome_fork", source)
+    with pytest.raises(PluginError, match=r"'tome' is registered twice: by tm-tome 0\.1\.0 .* and by tm-tome-fork 1\.2\.3"):
+        registry.reload()
+
+
+def test_invalid_registration_fails_loudly(site):
+    source = "import tmcore\n\n@tmcore.hookimpl\ndef tmcore_register_reducers(register):\n    register(object)\n"
+    _install(site, "tm-bad", "tm_bad", source)
+    with pytest.raises(PluginError, match="tm-bad registered an invalid reducer"):
+        registry.reload()
+
+
+def test_env_selects_and_disables_distributions(site, monkeypatch):
+    _install(site, "tm-keep-first", "tm_keep_first", THIRD_PARTY)
+    monkeypatch.setenv("TMCORE_PLUGINS", "tm_keep_first,tm-timm")
+    registry.reload()
+    assert {r.name for r in tmcore.reducers()} == {"keep_first"}
+    assert {a.name for a in tmcore.adapters()} == {"timm"}
+    monkeypatch.delenv("TMCORE_PLUGINS")
+    monkeypatch.setenv("TMCORE_DISABLE_PLUGINS", "tm-keep-first")
+    registry.reload()
+    assert "keep_first" not in {r.name for r in tmcore.reducers()}
+    assert "tome" in {r.name for r in tmcore.reducers()}
+
+
+def test_unknown_reducer_lists_installed_and_pip_name():
+    with pytest.raises(UnknownReducerError) as err:
+        tmcore.apply(object(), "pitome", ratio=0.9)
+    msg = str(err.value)
+    assert "unknown reducer 'pitome'" in msg and "tome (tm-tome)" in msg and "pip install tm-pitome" in msg
+    with pytest.raises(UnknownReducerError, match="Did you mean 'tome'"):
+        tmcore.apply(object(), "tomee", r=1)

@@ -1,0 +1,38 @@
+"""tmcore: token reduction (merging, pruning, pooling) for transformers, as plugins.
+
+    import timm, tmcore
+    model = timm.create_model("deit_small_patch16_224")
+    tmcore.apply(model, "tome", r=13)
+"""
+
+from tmcore.adapter import Adapter, Patch
+from tmcore.api import adapters, apply, get_patch, load, plugins, reducers, remove, save, trace
+from tmcore.errors import (
+    AlreadyAppliedError,
+    IncompatibleVersionError,
+    InvalidConfigError,
+    NoAdapterError,
+    NotAppliedError,
+    PluginError,
+    PluginLoadWarning,
+    ScheduleClampWarning,
+    TmcoreError,
+    UnknownReducerError,
+)
+from tmcore.hookspecs import hookimpl
+from tmcore.matching import bipartite_soft_matching
+from tmcore.plan import Plan, merge_weighted, reduce, unmerge
+from tmcore.reducer import BaseReducer, ModelInfo, ReducerConfig, TokenReducer
+from tmcore.schedule import RSchedule, parse_r
+from tmcore.state import LayerInputs, Runtime, TokenState, Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "AlreadyAppliedError", "BaseReducer", "IncompatibleVersionError", "InvalidConfigError",
+    "LayerInputs", "ModelInfo", "NoAdapterError", "NotAppliedError", "Patch", "Plan", "PluginError",
+    "PluginLoadWarning", "RSchedule", "ReducerConfig", "Runtime", "ScheduleClampWarning", "TmcoreError",
+    "TokenReducer", "TokenState", "Trace", "UnknownReducerError", "adapters", "apply",
+    "bipartite_soft_matching", "get_patch", "hookimpl", "load", "merge_weighted", "parse_r", "plugins",
+    "reduce", "reducers", "remove", "save", "trace", "unmerge",
+]

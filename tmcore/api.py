@@ -1,0 +1,153 @@
+"""The public entry points: apply, remove, trace, save, load and the registry listings."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+
+from tmcore.adapter import Patch
+from tmcore.errors import AlreadyAppliedError, InvalidConfigError, NoAdapterError, NotAppliedError
+from tmcore.reducer import validate_config
+from tmcore.registry import PluginInfo, Registration, registry
+from tmcore.state import Runtime, Trace
+
+__all__ = ["apply", "remove", "trace", "save", "load", "reducers", "adapters", "plugins", "get_patch"]
+
+_ATTR = "_tmcore_patch"
+_FORMAT = "tmcore.reducer/1"
+
+
+def get_patch(model: nn.Module) -> Patch | None:
+    """The `Patch` ``tmcore.apply`` put on ``model``, or ``None``."""
+    return getattr(model, "__dict__", {}).get(_ATTR)
+
+
+def _require_patch(model: nn.Module, what: str) -> Patch:
+    patch = get_patch(model)
+    if patch is None:
+        raise NotAppliedError(f"{what} needs a model patched by tmcore.apply; {type(model).__name__} is not patched")
+    return patch
+
+
+def apply(model: nn.Module, reducer: str, *, replace: bool = False, **config: Any) -> nn.Module:
+    """Patch ``model`` in place with the reducer registered as ``reducer``; returns ``model``.
+
+    Args:
+        model: a model some installed adapter handles (e.g. a timm ``VisionTransformer``).
+        reducer: a registered reducer name (``tmcore.reducers()`` lists them), e.g. ``"tome"``.
+        replace: replace a reducer applied earlier instead of raising `AlreadyAppliedError`.
+        **config: the reducer's configuration, validated by its pydantic config model.
+
+    Raises:
+        UnknownReducerError, InvalidConfigError, NoAdapterError, IncompatibleVersionError,
+        AlreadyAppliedError.
+    """
+    reducer_cls = registry.get_reducer(reducer).obj
+    cfg = validate_config(reducer_cls, config)
+    if not isinstance(model, nn.Module):
+        raise NoAdapterError(f"tmcore.apply takes a torch.nn.Module, got {type(model).__qualname__}")
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise NoAdapterError("apply tmcore before torch.compile: tmcore.apply(model, ...); torch.compile(model)")
+    existing = get_patch(model)
+    if existing is not None and not replace:
+        raise AlreadyAppliedError(
+            f"this model already carries reducer {existing.reducer.name!r} "
+            f"({existing.reducer.config!r}); call tmcore.remove(model) first or pass replace=True"
+        )
+    adapter = registry.find_adapter(model).obj()
+    adapter.check_environment()
+    missing = reducer_cls.requires - adapter.inputs
+    if missing:
+        raise NoAdapterError(
+            f"reducer {reducer!r} needs {sorted(missing)} from each layer, which adapter {adapter.name!r} cannot provide"
+        )
+    info = adapter.describe(model)
+    instance = reducer_cls(cfg, info)
+    if existing is not None:
+        remove(model)
+    patch = Patch(instance, adapter, Runtime(instance, info))
+    try:
+        adapter.patch(model, patch)
+        patch.set_attr(model, _ATTR, patch)
+    except BaseException:
+        patch.undo()
+        raise
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Restore ``model`` to exactly what it was before `apply`; returns ``model``."""
+    _require_patch(model, "tmcore.remove").undo()
+    return model
+
+
+@contextmanager
+def trace(model: nn.Module) -> Iterator[Trace]:
+    """Record what each forward inside the ``with`` block does (the last one is kept).
+
+    Example::
+
+        with tmcore.trace(model) as t:
+            model(images)
+        t.token_counts   # [197, 184, ..., 54, 41] for ToMe r=13 on a ViT-S/16
+        t.sizes, t.source, t.source_matrix(), t.unmerge(tokens)
+    """
+    runtime = _require_patch(model, "tmcore.trace").runtime
+    record = Trace()
+    token = runtime.trace_var.set(record)
+    try:
+        yield record
+    finally:
+        runtime.trace_var.reset(token)
+
+
+def save(model: nn.Module, path: str | Path) -> None:
+    """Write the model's reducer name, config and learned state (if any) as safetensors."""
+    from safetensors.torch import save_file
+
+    patch = _require_patch(model, "tmcore.save")
+    red = patch.reducer
+    metadata = {
+        "format": _FORMAT,
+        "reducer": red.name,
+        "config": red.config.model_dump_json(),
+        "model": patch.runtime.info.model_dump_json(),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in red.state_tensors().items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply the reducer saved by `save` to ``model`` (replacing any), with its learned state."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if metadata.get("format") != _FORMAT:
+        raise InvalidConfigError(f"{path}: not a tmcore reducer file (format {metadata.get('format')!r}, expected {_FORMAT!r})")
+    apply(model, metadata["reducer"], replace=True, **json.loads(metadata["config"]))
+    _require_patch(model, "tmcore.load").reducer.load_state_tensors(tensors)
+    return model
+
+
+def reducers() -> list[Registration]:
+    """Installed reducers: name, class, distribution and version."""
+    registry.ensure_loaded()
+    return list(registry.reducers.values())
+
+
+def adapters() -> list[Registration]:
+    """Installed adapters: name, class, distribution and version."""
+    registry.ensure_loaded()
+    return list(registry.adapters.values())
+
+
+def plugins() -> list[PluginInfo]:
+    """Installed plugin distributions with what each registers and any load error."""
+    registry.ensure_loaded()
+    return list(registry.plugins.values())

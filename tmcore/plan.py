@@ -1,0 +1,185 @@
+"""The Plan: one representation for every merge / prune decision, and the ops that apply it.
+
+A Plan maps ``N`` input tokens to ``M`` output tokens. Output slot ``j`` is seeded by input
+token ``keep[:, j]``; each input token ``src[:, k]`` is then folded into slot ``src_dst[:, k]``;
+an input token in neither set is pruned. The order of ``keep`` *is* the output order, which the
+published methods choose on purpose (ToMe's reshuffle), so it is part of the plan.
+
+Everything here is batched tensor code: gathers and one scatter per call, no Python loops over
+images or tokens, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Plan",
+    "reduce",
+    "merge_weighted",
+    "unmerge",
+    "destinations",
+    "compose_source",
+    "source_matrix",
+    "identity_source",
+]
+
+ReduceMode = Literal["sum", "mean", "amax"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one layer turns ``num_in`` tokens into ``keep.shape[1]`` tokens.
+
+    Attributes:
+        keep: ``[B, M]`` long, the input token that seeds each output slot, in output order.
+        src: ``[B, K]`` long, input tokens merged into an existing slot (``K`` may be 0).
+        src_dst: ``[B, K]`` long, the output slot (``0 <= slot < M``) each ``src`` token joins.
+        num_in: ``N``, the number of input tokens.
+    """
+
+    keep: Tensor
+    src: Tensor
+    src_dst: Tensor
+    num_in: int
+
+    @property
+    def num_out(self) -> int:
+        return self.keep.shape[1]
+
+    @classmethod
+    def prune(cls, keep: Tensor, num_in: int) -> "Plan":
+        """A plan that keeps ``keep`` ``[B, M]`` (in that order) and drops every other token."""
+        empty = keep.new_empty((keep.shape[0], 0))
+        return cls(keep=keep, src=empty, src_dst=empty, num_in=num_in)
+
+
+def _rows(index: Tensor, channels: int) -> Tensor:
+    """``[B, K]`` token index -> ``[B, K, C]`` gather/scatter index (a view, no copy)."""
+    return index.unsqueeze(-1).expand(-1, -1, channels)
+
+
+def _flat(index: Tensor, n: int) -> Tensor:
+    """``[B, K]`` per-sample token index -> ``[B * K]`` row index into a ``[B * n, C]`` view."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n
+    return (index + offsets).flatten()
+
+
+def reduce(x: Tensor, plan: Plan, mode: ReduceMode = "sum") -> Tensor:
+    """Apply ``plan`` to a token tensor.
+
+    Args:
+        x: ``[B, N, C]`` features, sizes (``C = 1``), masks or positions.
+        plan: a Plan with ``plan.num_in == N``.
+        mode: how merged tokens combine with their slot (the slot's own value included):
+            ``sum``, ``mean`` (plain mean of the group) or ``amax``.
+
+    Returns:
+        ``[B, M, C]``.
+    """
+    # Row gathers on the flattened batch (index_select / index_add_) run several times faster
+    # on CPU than gather / scatter_add with an index expanded over channels.
+    b, n, c = x.shape
+    m = plan.num_out
+    rows = x.reshape(b * n, c)
+    out = rows.index_select(0, _flat(plan.keep, n))
+    if plan.src.shape[1] == 0:
+        return out.view(b, m, c)
+    src = rows.index_select(0, _flat(plan.src, n))
+    dst = _flat(plan.src_dst, m)
+    if mode == "sum":
+        out.index_add_(0, dst, src)
+    else:
+        out.scatter_reduce_(0, dst.unsqueeze(1).expand(-1, c), src, reduce=mode, include_self=True)
+    return out.view(b, m, c)
+
+
+def merge_weighted(x: Tensor, plan: Plan, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Weighted average of every merged group (ToMe's ``merge_wavg``, ALGORITHMS 1.4).
+
+    Args:
+        x: ``[B, N, C]`` features.
+        plan: the Plan to apply.
+        weight: ``[B, N, 1]`` per-token weight (token size for ToMe), ``None`` for all ones.
+
+    Returns:
+        ``([B, M, C] weighted mean per group, [B, M, 1] summed weight per group)``.
+        With ``weight = size`` the second output is the new size, and ``sum(size)`` is conserved.
+    """
+    if weight is None:
+        weight = x.new_ones(x.shape[0], x.shape[1], 1)
+        total = reduce(weight, plan, "sum")
+        return reduce(x, plan, "sum").div_(total), total
+    total = reduce(weight, plan, "sum")
+    if plan.src.shape[1] == 0:  # pure pruning: kept tokens keep their values
+        return reduce(x, plan), total
+    # sum(w * x) / sum(w), weighting rows after the gather (one pass less than x * w first)
+    b, n, c = x.shape
+    m = plan.num_out
+    rows, w_rows = x.reshape(b * n, c), weight.reshape(b * n, 1)
+    keep, src = _flat(plan.keep, n), _flat(plan.src, n)
+    out = rows.index_select(0, keep).mul_(w_rows.index_select(0, keep).to(x.dtype))
+    merged = rows.index_select(0, src).mul_(w_rows.index_select(0, src).to(x.dtype))
+    out.index_add_(0, _flat(plan.src_dst, m), merged)
+    return out.view(b, m, c).div_(total.to(x.dtype)), total
+
+
+def destinations(plan: Plan) -> Tensor:
+    """``[B, N]`` long: the output slot of every input token, ``-1`` where it was pruned."""
+    b, m = plan.keep.shape
+    dest = plan.keep.new_full((b, plan.num_in), -1)
+    slots = torch.arange(m, device=plan.keep.device).expand(b, m)
+    dest.scatter_(1, plan.keep, slots)
+    if plan.src.shape[1]:
+        dest.scatter_(1, plan.src, plan.src_dst)
+    return dest
+
+
+def unmerge(y: Tensor, plan: Plan) -> Tensor:
+    """Undo one plan's shape: ``[B, M, C]`` -> ``[B, N, C]``.
+
+    Every input position receives the value of the slot it went to (merged tokens get a copy of
+    their group's value); pruned positions get zeros.
+    """
+    dest = destinations(plan)
+    out = y.gather(1, _rows(dest.clamp(min=0), y.shape[-1]))
+    if plan.src.shape[1] == 0 and plan.keep.shape[1] == plan.num_in:
+        return out
+    return out.masked_fill(dest.unsqueeze(-1) < 0, 0)
+
+
+def identity_source(batch: int, num_tokens: int, device: torch.device | None = None) -> Tensor:
+    """The source map before any reduction: ``[B, N0]`` with token ``i`` in slot ``i``."""
+    return torch.arange(num_tokens, device=device).expand(batch, num_tokens).clone()
+
+
+def compose_source(source: Tensor, plan: Plan) -> Tensor:
+    """Follow a source map through one more plan.
+
+    Args:
+        source: ``[B, N0]`` long, the current slot of every original token (``-1``: pruned).
+        plan: the next layer's Plan (``plan.num_in`` = current token count).
+
+    Returns:
+        ``[B, N0]`` long, the slot after ``plan``. O(N0); no ``N x N`` matrix is built.
+    """
+    dest = destinations(plan)
+    moved = dest.gather(1, source.clamp(min=0))
+    return torch.where(source < 0, source, moved)
+
+
+def source_matrix(source: Tensor, num_slots: int) -> Tensor:
+    """ToMe's ``[B, M, N0]`` 0/1 source matrix from a ``[B, N0]`` source map.
+
+    Row ``g`` marks the original tokens that ended up in output token ``g``; pruned tokens have an
+    all-zero column.
+    """
+    b, n0 = source.shape
+    out = torch.zeros(b, num_slots + 1, n0, dtype=torch.bool, device=source.device)
+    slot = torch.where(source < 0, num_slots, source)
+    out.scatter_(1, slot.unsqueeze(1), True)
+    return out[:, :num_slots]

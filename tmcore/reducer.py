@@ -1,0 +1,158 @@
+"""The reducer protocol, its base class, and the model description adapters hand to reducers."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor
+
+from tmcore.errors import InvalidConfigError
+from tmcore.plan import Plan, merge_weighted, unmerge
+from tmcore.state import LayerInputs, TokenState
+
+__all__ = ["ModelInfo", "ReducerConfig", "TokenReducer", "BaseReducer", "INPUTS", "validate_config"]
+
+INPUTS = frozenset({"keys", "cls_attn", "attn", "values"})
+"""Per-layer inputs a reducer may declare in ``requires`` (see `tmcore.state.LayerInputs`)."""
+
+
+class ModelInfo(BaseModel):
+    """What an adapter tells a reducer about the model it patches.
+
+    Attributes:
+        family: the adapter's family name, e.g. ``"timm.vit"``.
+        num_layers: blocks that reduce (``L``).
+        num_tokens: tokens entering the first block at the model's default input size.
+        num_protected: length of the protected prefix (class, distillation, register tokens).
+        pool: how the head pools tokens: ``token``, ``avg``, ``max``, ``avgmax`` or ``""`` (none).
+        mae: MAE-style self-supervised weights (ToMe and PiToMe change defaults for them).
+        modality: ``vision`` or ``text``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    family: str
+    num_layers: int
+    num_tokens: int
+    num_protected: int
+    pool: str = "token"
+    mae: bool = False
+    modality: Literal["vision", "text"] = "vision"
+
+
+class ReducerConfig(BaseModel):
+    """Base of every reducer's config: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@runtime_checkable
+class TokenReducer(Protocol):
+    """A token-reduction method: ``score`` -> ``match`` (a Plan) -> ``reduce`` (+ ``unmerge``).
+
+    Class attributes: ``name`` (registry name), ``config_model`` (a `ReducerConfig` subclass),
+    ``requires`` (subset of `INPUTS` the adapter must compute). Instances are built once per
+    ``tmcore.apply`` from a validated config and the `ModelInfo`, and hold no per-forward state.
+    """
+
+    name: ClassVar[str]
+    config_model: ClassVar[type[ReducerConfig]]
+    requires: ClassVar[frozenset[str]]
+    config: ReducerConfig
+    info: ModelInfo
+    prop_attn: bool
+
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Any: ...
+
+    def match(self, layer: int, scores: Any, state: TokenState) -> Plan | None: ...
+
+    def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]: ...
+
+    def unmerge(self, y: Tensor, plan: Plan) -> Tensor: ...
+
+
+class BaseReducer:
+    """Defaults for the four steps: keys as scores, size-weighted merging, gather unmerge.
+
+    Subclasses set ``name``, ``config_model`` and ``requires``, write `match` (and `score` when
+    the method scores something other than head-mean keys), and resolve config defaults that
+    depend on the model in `setup`.
+    """
+
+    name: ClassVar[str]
+    config_model: ClassVar[type[ReducerConfig]] = ReducerConfig
+    requires: ClassVar[frozenset[str]] = frozenset({"keys"})
+    description: ClassVar[str] = ""
+    identity_config: ClassVar[dict[str, Any] | None] = None
+    """A config under which the reducer changes nothing (conformance tests check it)."""
+    example_configs: ClassVar[tuple[dict[str, Any], ...]] = ()
+    """Configs that reduce tokens, used by the test matrix and as ``tmcore bench`` defaults."""
+    merge_only: ClassVar[bool] = True
+    """Every input token survives inside some output token (sizes are conserved)."""
+
+    prop_attn: bool = False
+
+    def __init__(self, config: ReducerConfig, info: ModelInfo) -> None:
+        self.config = config
+        self.info = info
+        self.setup()
+
+    def setup(self) -> None:
+        """Resolve model-dependent defaults and precompute schedules; raise on impossible configs."""
+
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Any:
+        return inputs.keys
+
+    def match(self, layer: int, scores: Any, state: TokenState) -> Plan | None:
+        raise NotImplementedError
+
+    def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]:
+        """Size-weighted average of each merged group; returns ``(x, new size)``."""
+        return merge_weighted(x, plan, state.size)
+
+    def unmerge(self, y: Tensor, plan: Plan) -> Tensor:
+        return unmerge(y, plan)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Learned state saved by `tmcore.save` (none for training-free methods)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if tensors:
+            raise InvalidConfigError(
+                f"reducer {self.name!r} has no learned state, but the file holds tensors {sorted(tensors)}"
+            )
+
+
+def _describe_fields(model: type[BaseModel]) -> str:
+    parts = []
+    for name, field in model.model_fields.items():
+        parts.append(f"{name} ({field.description})" if field.description else name)
+    return "; ".join(parts) or "(none)"
+
+
+def validate_config(reducer: type[TokenReducer], config: dict[str, Any]) -> ReducerConfig:
+    """Validate ``config`` against ``reducer.config_model``.
+
+    Raises:
+        InvalidConfigError: naming each bad field, its value and what is allowed.
+    """
+    try:
+        return reducer.config_model(**config)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(config)"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"unknown config key {field!r} (value {err['input']!r})")
+            elif err["type"] == "missing":
+                lines.append(f"{field} is required")
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                lines.append(f"{field}={err['input']!r}: {msg}")
+        raise InvalidConfigError(
+            f"invalid config for reducer {reducer.name!r}: "
+            + "; ".join(lines)
+            + f". Allowed keys: {_describe_fields(reducer.config_model)}"
+        ) from None

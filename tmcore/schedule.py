@@ -1,0 +1,124 @@
+"""Per-layer reduction schedules: ToMe's ``r`` forms (ALGORITHMS 1.8) and their validation."""
+
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+from typing import Annotated, Any, Union
+
+from pydantic import PlainSerializer, PlainValidator
+
+from tmcore.errors import InvalidConfigError, ScheduleClampWarning
+from tmcore.matching import max_bipartite_r
+
+__all__ = ["RSchedule", "parse_r", "clamped_r", "clamped_r_cached", "token_counts"]
+
+RValue = Union[int, list[int], tuple[int, float]]
+
+_R_ALLOWED = (
+    "an int >= 0 (the same r in every block), a list of ints >= 0 (one per block), "
+    "or a tuple (r, inflect) with int r >= 0 and -1 <= inflect <= 1 (a linear ramp)"
+)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_r(value: Any) -> RValue:
+    if _is_int(value) and value >= 0:
+        return value
+    if isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value):
+        return list(value)
+    if isinstance(value, dict) and set(value) == {"r", "inflect"}:  # the JSON form of a tuple
+        value = (value["r"], value["inflect"])
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and _is_int(value[0])
+        and value[0] >= 0
+        and isinstance(value[1], (int, float))
+        and not isinstance(value[1], bool)
+        and -1.0 <= value[1] <= 1.0
+    ):
+        return (value[0], float(value[1]))
+    raise ValueError(f"must be {_R_ALLOWED}")
+
+
+def _serialize_r(value: RValue) -> Any:
+    if isinstance(value, tuple):
+        return {"r": value[0], "inflect": value[1]}
+    return value
+
+
+RSchedule = Annotated[
+    RValue,
+    PlainValidator(_validate_r),
+    PlainSerializer(_serialize_r, when_used="json"),
+]
+"""A pydantic field type for ToMe-style ``r``: int, per-block list, or ``(r, inflect)``."""
+
+
+def parse_r(num_layers: int, r: RValue) -> list[int]:
+    """Expand an ``r`` schedule to one value per block (ToMe's ``parse_r``).
+
+    ``int`` -> constant; ``list`` -> padded with zeros to ``num_layers`` (longer is an error);
+    ``(r, inflect)`` -> ``lo = int(r * (1 - inflect))``, ``hi = 2r - lo``, linear from ``lo`` to
+    ``hi`` with each value truncated to int, exactly as the original computes it.
+    """
+    if isinstance(r, list):
+        if len(r) > num_layers:
+            raise InvalidConfigError(
+                f"r: a per-block list of length {len(r)} for a model with {num_layers} blocks; "
+                f"allowed: at most {num_layers} entries (missing ones are 0)"
+            )
+        return list(r) + [0] * (num_layers - len(r))
+    base, inflect = (r, 0.0) if isinstance(r, int) else r
+    lo = int(base * (1.0 - inflect))
+    hi = 2 * base - lo
+    if num_layers == 1:  # the original divides by num_layers - 1
+        return [lo]
+    step = (hi - lo) / (num_layers - 1)
+    return [int(lo + step * i) for i in range(num_layers)]
+
+
+def _clamp(r_list: tuple[int, ...], num_tokens: int, num_protected: int) -> tuple[tuple[int, ...], list[str]]:
+    out, capped, n = [], [], num_tokens
+    for layer, r in enumerate(r_list):
+        limit = max_bipartite_r(n, num_protected)
+        if r > limit:
+            capped.append(f"block {layer}: r={r} -> {limit}")
+            r = limit
+        out.append(r)
+        n -= r
+    return tuple(out), capped
+
+
+def clamped_r(
+    r_list: list[int] | tuple[int, ...], num_tokens: int, num_protected: int, stacklevel: int = 2
+) -> tuple[int, ...]:
+    """Cap each block's ``r`` at half its unprotected tokens, with a warning if any is capped
+    (``stacklevel`` as in `warnings.warn`, counted from the caller of this function)."""
+    out, capped = _clamp(tuple(r_list), num_tokens, num_protected)
+    if capped:
+        warnings.warn(
+            f"r exceeds the 50% per-block limit of bipartite matching for {num_tokens} tokens "
+            f"({num_protected} protected) and was capped: " + ", ".join(capped),
+            ScheduleClampWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return out
+
+
+@lru_cache(maxsize=256)
+def clamped_r_cached(r_list: tuple[int, ...], num_tokens: int, num_protected: int) -> tuple[int, ...]:
+    """`clamped_r` for the forward pass: computed (and warned about) once per input shape."""
+    return clamped_r(r_list, num_tokens, num_protected)
+
+
+def token_counts(r_list: list[int] | tuple[int, ...], num_tokens: int) -> list[int]:
+    """Tokens entering each block, then the count leaving the last block."""
+    counts = [num_tokens]
+    for r in r_list:
+        counts.append(counts[-1] - r)
+    return counts

@@ -1,0 +1,146 @@
+"""A conformance suite every reducer passes on every tiny model of the installed adapters."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+import tmcore
+
+
+def tiny_timm_models() -> dict[str, Callable[[], nn.Module]]:
+    """Small random-init timm ViTs covering the family's variants (empty without timm).
+
+    Each has 64 patches (32 px, patch 4) and 4 blocks, in float64 so that comparisons are not
+    at the mercy of near-tied similarities.
+    """
+    try:
+        from timm.models.deit import VisionTransformerDistilled
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return {}
+    common = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=7)
+
+    def make(cls: type[nn.Module], **kw: Any) -> Callable[[], nn.Module]:
+        def factory() -> nn.Module:
+            torch.manual_seed(0)
+            return cls(**{**common, **kw}).double().eval()
+
+        return factory
+
+    return {
+        "vit": make(VisionTransformer),
+        "deit_distilled": make(VisionTransformerDistilled),
+        "layerscale_qknorm": make(VisionTransformer, init_values=0.5, qk_norm=True),
+        "reg4_avgpool": make(VisionTransformer, class_token=False, reg_tokens=4, global_pool="avg", no_embed_class=True),
+    }
+
+
+def _inputs(batch: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, 32, 32, generator=gen, dtype=torch.float64)
+
+
+class ReducerConformance:
+    """Subclass in a plugin's tests and set ``reducer`` (and optionally ``configs``).
+
+    Checks, for every tiny model: the identity config is exact; `tmcore.remove` restores
+    bit-identical outputs; protected tokens stay in front; every input token lands in exactly
+    one output token and sizes are conserved (merge-only reducers); a batch equals its samples
+    run one by one; gradients flow in training mode.
+    """
+
+    reducer: str = ""
+    configs: tuple[dict[str, Any], ...] | None = None  # default: the reducer's example_configs
+
+    @pytest.fixture(params=sorted(tiny_timm_models()))
+    def model(self, request: pytest.FixtureRequest) -> nn.Module:
+        return tiny_timm_models()[request.param]()
+
+    def _cls(self) -> Any:
+        return next(r.obj for r in tmcore.reducers() if r.name == self.reducer)
+
+    def _configs(self) -> tuple[dict[str, Any], ...]:
+        configs = self.configs if self.configs is not None else self._cls().example_configs
+        assert configs, f"{self.reducer}: declare example_configs on the reducer or configs on the test"
+        return tuple(configs)
+
+    def test_registered(self) -> None:
+        assert self.reducer in {r.name for r in tmcore.reducers()}
+
+    def test_identity_config_is_exact(self, model: nn.Module) -> None:
+        identity = self._cls().identity_config
+        if identity is None:
+            pytest.skip("reducer declares no identity config")
+        x = _inputs()
+        with torch.no_grad():
+            ref = model(x)
+            tmcore.apply(model, self.reducer, **identity)
+            out = model(x)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+    def test_remove_restores_exactly(self, model: nn.Module) -> None:
+        x = _inputs()
+        before = dict(model.__dict__)
+        with torch.no_grad():
+            ref = model(x)
+            for config in self._configs():
+                tmcore.apply(model, self.reducer, replace=True, **config)
+                model(x)
+            tmcore.remove(model)
+            assert torch.equal(model(x), ref)
+        assert model.__dict__.keys() == before.keys()
+        assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
+
+    def test_trace_invariants(self, model: nn.Module) -> None:
+        x = _inputs()
+        for config in self._configs():
+            tmcore.apply(model, self.reducer, replace=True, **config)
+            with torch.no_grad(), tmcore.trace(model) as t:
+                model(x)
+            p = tmcore.get_patch(model).runtime.info.num_protected
+            counts = [int(c) if isinstance(c, int) else int(c.max()) for c in t.token_counts]
+            assert counts == sorted(counts, reverse=True), counts
+            assert counts[-1] < counts[0], f"{config} reduced nothing"
+            n0 = counts[0]
+            assert t.source.shape == (x.shape[0], n0)
+            assert torch.equal(t.source[:, :p], torch.arange(p).expand(x.shape[0], p)), "protected tokens moved"
+            if self._cls().merge_only:
+                assert (t.source >= 0).all()
+                assert torch.equal(t.source_matrix().sum(1), torch.ones(x.shape[0], n0, dtype=torch.long))
+                torch.testing.assert_close(t.sizes.sum(1).squeeze(-1), torch.full((x.shape[0],), float(n0), dtype=t.sizes.dtype))
+                sizes_from_source = t.source_matrix().sum(2)
+                torch.testing.assert_close(t.sizes.squeeze(-1), sizes_from_source.to(t.sizes.dtype))
+
+    def test_batch_equals_samples(self, model: nn.Module) -> None:
+        x = _inputs()
+        for config in self._configs():
+            tmcore.apply(model, self.reducer, replace=True, **config)
+            with torch.no_grad():
+                batched = model(x)
+                single = torch.cat([model(x[i : i + 1]) for i in range(x.shape[0])])
+            torch.testing.assert_close(batched, single, rtol=1e-7, atol=1e-7)
+
+    def test_deepcopy_is_independent(self, model: nn.Module) -> None:
+        x = _inputs(1)
+        tmcore.apply(model, self.reducer, **self._configs()[0])
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            assert torch.equal(clone(x), model(x))
+            tmcore.remove(clone)
+            assert tmcore.get_patch(model) is not None and tmcore.get_patch(clone) is None
+            with tmcore.trace(model) as t:
+                model(x)
+        assert t.token_counts[-1] < t.token_counts[0]
+
+    def test_backward(self, model: nn.Module) -> None:
+        tmcore.apply(model, self.reducer, **self._configs()[0])
+        model.train()
+        model(_inputs()).sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
+        assert model.blocks[0].attn.qkv.weight.grad is not None
