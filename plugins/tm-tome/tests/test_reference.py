@@ -1,0 +1,120 @@
+"""ToMe against a reference written from ALGORITHMS.md 1.3-1.5 in the original's structure
+(parity split, gather unmerged / sources, scatter into B, concatenate; explicit softmax attention
+with ``+ log(size)``). Tie-breaking is the one deliberate difference: both sort stably here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tmcore
+from tmcore.testing import matching_cases
+
+
+def reference_bsm(metric, r, class_token, distill_token):
+    protected = int(class_token) + int(distill_token)
+    r = min(r, (metric.shape[1] - protected) // 2)
+    if r <= 0:
+        return lambda x, mode="sum": x
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        if class_token:
+            scores[..., 0, :] = -math.inf
+        if distill_token:
+            scores[..., :, 0] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+        unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if class_token:
+            unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x, mode="sum"):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+def reference_merge_wavg(merge, x, size):
+    if size is None:
+        size = torch.ones_like(x[..., 0, None])
+    x = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")
+    return x / size, size
+
+
+def reference_tome_forward(model, images, r_list, prop_attn=True):
+    """The original timm patch's forward on a timm ViT / DeiT (no LayerScale, no QK-norm)."""
+    distilled = getattr(model, "dist_token", None) is not None
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    size = None
+    for blk, r in zip(model.blocks, r_list):
+        attn = blk.attn
+        y = blk.norm1(x)
+        b, n, c = y.shape
+        q, k, v = attn.qkv(y).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if prop_attn and size is not None:
+            logits = logits + size.log()[:, None, None, :, 0]
+        y = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + attn.proj(y)
+        if r > 0:
+            merge = reference_bsm(k.mean(1), r, class_token=True, distill_token=distilled)
+            x, size = reference_merge_wavg(merge, x, size)
+        x = x + blk.mlp(blk.norm2(x))
+    return model.forward_head(model.norm(x))
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=matching_cases(max_protected=2), distill=st.booleans())
+def test_matching_equals_reference(case, distill):
+    p = case.num_protected
+    if distill and p < 2:
+        p = 0
+    class_token, distill_token = p >= 1, p == 2
+    plan = tmcore.bipartite_soft_matching(case.metric, case.r, p) if case.r else None
+    ref = reference_bsm(case.metric, case.r, class_token, distill_token)
+    ref_x, ref_size = reference_merge_wavg(ref, case.x, case.size)
+    if plan is None:
+        return
+    x, size = tmcore.merge_weighted(case.x, plan, case.size)
+    torch.testing.assert_close(size, ref_size, rtol=0, atol=0)
+    torch.testing.assert_close(x, ref_x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224"])
+@pytest.mark.parametrize("r", [13, (8, -1)])
+def test_model_equals_reference(name, r):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=4).double().eval()
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        ref = reference_tome_forward(model, images, tmcore.parse_r(4, r))
+        tmcore.apply(model, "tome", r=r)
+        out = model(images)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_model_equals_reference_without_prop_attn():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", depth=3).double().eval()
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        ref = reference_tome_forward(model, images, [20, 20, 20], prop_attn=False)
+        out = tmcore.apply(model, "tome", r=20, prop_attn=False)(images)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)

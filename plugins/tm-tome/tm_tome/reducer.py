@@ -1,0 +1,60 @@
+"""ToMe (ALGORITHMS.md section 2): bipartite soft matching on head-mean keys, size-weighted
+merging, proportional attention. The whole method is `ToMe.match`; the rest is tmcore's."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from torch import Tensor
+
+from tmcore import BaseReducer, Plan, ReducerConfig, RSchedule, TokenState, bipartite_soft_matching
+from tmcore.schedule import clamped_r, clamped_r_cached, parse_r
+
+
+class ToMeConfig(ReducerConfig):
+    r: RSchedule = Field(
+        description="tokens merged per block: int >= 0, a per-block list, or (r, inflect) with -1 <= inflect <= 1",
+    )
+    prop_attn: bool | None = Field(
+        default=None,
+        description="proportional attention (+log(size) on attention logits); default on, off for MAE weights",
+    )
+
+
+class ToMe(BaseReducer):
+    """Token Merging. In every block, after attention, merge ``r`` tokens by bipartite soft
+    matching of head-mean keys (protected prefix tokens never merge), average merged features
+    by size, and add ``log(size)`` to later attention logits.
+
+    ``r`` beyond half of a block's unprotected tokens is capped with a `ScheduleClampWarning`.
+    """
+
+    name: ClassVar[str] = "tome"
+    config_model = ToMeConfig
+    requires = frozenset({"keys"})
+    description = "ToMe: bipartite soft matching on keys, size-weighted merging (Bolya et al., ICLR 2023)"
+    identity_config = {"r": 0}
+    example_configs = ({"r": 4}, {"r": 8})
+
+    config: ToMeConfig
+
+    def setup(self) -> None:
+        cfg, info = self.config, self.info
+        # The original defaults to proportional attention except for off-the-shelf MAE models.
+        self.prop_attn = (not info.mae) if cfg.prop_attn is None else cfg.prop_attn
+        self.r_list = tuple(parse_r(info.num_layers, cfg.r))
+        # stacklevel 4: the warning points at the user's tmcore.apply call
+        self._default = clamped_r(self.r_list, info.num_tokens, info.num_protected, stacklevel=4)
+
+    def schedule(self, num_tokens: int) -> tuple[int, ...]:
+        """Per-block ``r`` after the 50 % cap, for ``num_tokens`` entering the first block."""
+        if num_tokens == self.info.num_tokens:
+            return self._default
+        return clamped_r_cached(self.r_list, num_tokens, self.info.num_protected)
+
+    def match(self, layer: int, scores: Tensor, state: TokenState) -> Plan | None:
+        r = self.schedule(state.num_input)[layer]
+        if r == 0:
+            return None
+        return bipartite_soft_matching(scores, r, state.num_protected)
