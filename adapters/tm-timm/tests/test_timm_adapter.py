@@ -1,0 +1,198 @@
+"""The timm adapter on real timm architectures (random init; no weights install offline)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import tmcore
+from tmcore import IncompatibleVersionError, NoAdapterError, TokenState
+from tmcore.testing import tiny_timm_models
+
+timm = pytest.importorskip("timm")
+
+
+def _images(model, batch=2, seed=0):
+    size = model.patch_embed.img_size
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["deit_small_patch16_224", "deit_small_distilled_patch16_224", "deit3_small_patch16_224", "vit_medium_patch16_reg4_gap_256"],
+)
+def test_r0_matches_unpatched_and_remove_is_bit_identical(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=3).eval()
+    x = _images(model)
+    with torch.no_grad():
+        ref = model(x)
+        tmcore.apply(model, "tome", r=0)
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+        tmcore.apply(model, "tome", r=8, replace=True)
+        with tmcore.trace(model) as t:
+            model(x)
+        n = model.patch_embed.num_patches + model.num_prefix_tokens
+        assert t.token_counts == [n, n - 8, n - 16, n - 24]
+        tmcore.remove(model)
+        assert torch.equal(model(x), ref)
+
+
+def test_describe_finds_the_protected_prefix():
+    adapter = tmcore.registry.registry.adapters["timm"].obj()
+    cases = {
+        "deit_small_patch16_224": (197, 1, "token"),
+        "deit_small_distilled_patch16_224": (198, 2, "token"),
+        "vit_medium_patch16_reg4_gap_256": (260, 4, "avg"),
+    }
+    for name, (tokens, protected, pool) in cases.items():
+        info = adapter.describe(timm.create_model(name, depth=1))
+        assert (info.num_tokens, info.num_protected, info.pool) == (tokens, protected, pool), name
+
+
+def test_trace_counts_deit_small_r13():
+    torch.manual_seed(0)
+    model = tmcore.apply(timm.create_model("deit_small_patch16_224").eval(), "tome", r=13)
+    with torch.no_grad(), tmcore.trace(model) as t:
+        model(_images(model, 1))
+    assert t.token_counts == [197, 184, 171, 158, 145, 132, 119, 106, 93, 80, 67, 54, 41]
+    assert t.sizes.shape == (1, 41, 1) and t.sizes.sum().item() == 197
+    assert t.source_matrix().shape == (1, 41, 197)
+
+
+def test_trace_counts_vit_base_decreasing_schedule():
+    torch.manual_seed(0)
+    model = tmcore.apply(timm.create_model("vit_base_patch16_224").eval(), "tome", r=(16, -1))
+    with torch.no_grad(), tmcore.trace(model) as t:
+        model(_images(model, 1))
+    assert t.token_counts == [197, 165, 136, 110, 87, 67, 50, 36, 25, 17, 12, 10, 10]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_proportional_attention_equals_duplicated_keys(fused):
+    """A token of size s receives the attention of s copies of its key (ALGORITHMS 1.5, 9.7)."""
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, num_heads=2).double().eval()
+    attn.fused_attn = fused
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    sizes = torch.tensor([[1, 3, 1, 2, 4], [2, 1, 1, 5, 1]])
+    state = TokenState(num_protected=1, num_input=5, prop_attn=True, trace=None)
+    state.size = sizes.unsqueeze(-1).double()
+    with torch.no_grad():
+        out = attn(x, attn_mask=state.attn_bias(torch.float64))
+        for b in range(2):
+            index = torch.repeat_interleave(torch.arange(5), sizes[b])
+            dup = attn(x[b : b + 1, index])
+            first = torch.cat([torch.zeros(1, dtype=torch.long), sizes[b].cumsum(0)[:-1]])
+            torch.testing.assert_close(out[b], dup[0, first], rtol=1e-6, atol=1e-8)
+
+
+def test_fused_and_explicit_attention_agree():
+    model = tiny_timm_models()["layerscale_qknorm"]()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    tmcore.apply(model, "tome", r=6)
+    with torch.no_grad():
+        fused = model(x)
+        for blk in model.blocks:
+            blk.attn.fused_attn = False
+        explicit = model(x)
+    torch.testing.assert_close(fused, explicit, rtol=1e-10, atol=1e-10)
+
+
+def test_average_pool_is_size_weighted():
+    model = tiny_timm_models()["reg4_avgpool"]()
+    tmcore.apply(model, "tome", r=8)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad(), tmcore.trace(model) as t:
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+    size = t.sizes[:, 4:]
+    expected = model.fc_norm((feats[:, 4:] * size).sum(1) / size.sum(1))
+    torch.testing.assert_close(pooled, expected)
+    assert not torch.allclose(pooled, model.fc_norm(feats[:, 4:].mean(1)))
+
+
+def test_autocast_bfloat16_keeps_bias_dtype_in_step():
+    torch.manual_seed(0)
+    model = tmcore.apply(timm.create_model("deit_tiny_patch16_224", depth=3).eval(), "tome", r=20)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), tmcore.trace(model) as t:
+        out = model(_images(model))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    assert t.token_counts == [197, 177, 157, 137]
+
+
+def test_two_threads_give_the_sequential_results():
+    model = tmcore.apply(tiny_timm_models()["deit_distilled"](), "tome", r=5)
+    inputs = [torch.randn(n, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) for n in (1, 4)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    barrier, results, errors = threading.Barrier(2), [[], []], []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(25):
+                    barrier.wait()
+                    results[i].append(model(inputs[i]))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for i in range(2):
+        for out in results[i]:
+            assert torch.equal(out, expected[i])
+
+
+def test_incompatible_timm_version_is_refused(monkeypatch):
+    import tmcore.adapter
+
+    model = tiny_timm_models()["vit"]()
+    monkeypatch.setattr(tmcore.adapter.metadata, "version", lambda name: "1.1.0")
+    with pytest.raises(IncompatibleVersionError, match=r"supports timm>=1\.0,<1\.1, but timm==1\.1\.0 is installed"):
+        tmcore.apply(model, "tome", r=2)
+    monkeypatch.setattr(tmcore.adapter.metadata, "version", lambda name: "0.9.16")
+    with pytest.raises(IncompatibleVersionError, match="timm==0.9.16"):
+        tmcore.apply(model, "tome", r=2)
+    assert tmcore.get_patch(model) is None
+
+
+def test_unsupported_timm_models_are_named():
+    from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_fn=ResPostBlock)
+    with pytest.raises(NoAdapterError, match=r"block 0 is a ResPostBlock.*Supported: timm VisionTransformer"):
+        tmcore.apply(model, "tome", r=2)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    pooled = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, global_pool="map", class_token=False)
+    with pytest.raises(NoAdapterError, match="attention pooling"):
+        tmcore.apply(pooled, "tome", r=2)
+    with pytest.raises(NoAdapterError, match=r"timm\.models\.resnet\.ResNet"):
+        tmcore.apply(timm.create_model("resnet10t"), "tome", r=2)
+
+
+def test_caller_attention_masks_are_refused():
+    model = tmcore.apply(tiny_timm_models()["vit"](), "tome", r=2)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(tmcore.TmcoreError, match="attn_mask"):
+        model.forward_features(x, attn_mask=torch.zeros(1, 1, 65, 65, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=4).eval()
+    tmcore.apply(model, "tome", r=16)
+    x = _images(model)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

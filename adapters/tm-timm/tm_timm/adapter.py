@@ -1,0 +1,153 @@
+"""Adapter for timm ``VisionTransformer`` and its subclasses (ViT, DeiT, distilled DeiT,
+DeiT-III / LayerScale, QK-norm, register tokens, average pooling).
+
+timm 1.0's ``Block.forward`` is two residual lines over public submodules, and
+``Attention.forward`` takes an additive ``attn_mask`` on both its fused (SDPA) and explicit
+paths. So the patched block forward below composes the block's own submodules with the
+reduction between the two lines, feeds ``log(size)`` through ``attn_mask``, and captures q / k /
+v with forward hooks on ``attn.q_norm`` / ``attn.k_norm`` / ``attn.qkv`` (exactly what the
+attention used). No timm forward code is copied; `tmcore.remove` restores every module.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError
+
+_SUPPORTED = (
+    "timm VisionTransformer and subclasses built from timm.models.vision_transformer.Block with "
+    "timm.layers.Attention: ViT, DeiT (distilled too), DeiT-III (LayerScale), QK-norm, register "
+    "tokens, 'token' / 'avg' / 'max' / 'avgmax' pooling"
+)
+
+
+def _attn_dtype(x: Tensor) -> torch.dtype:
+    """The dtype q/k will have inside attention (SDPA wants the float mask to match it)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _block_forward(
+    block: nn.Module,
+    runtime: Runtime,
+    layer: int,
+    x: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+) -> Tensor:
+    """timm ``Block.forward`` with the token reduction between attention and MLP."""
+    if attn_mask is not None or is_causal:
+        raise TmcoreError(
+            "a tmcore-patched timm block got attn_mask / is_causal from the caller; token reduction "
+            "changes the sequence, so caller masks are not supported (call tmcore.remove first)"
+        )
+    state = runtime.enter(layer, x)
+    bias = state.attn_bias(_attn_dtype(x))
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+    x = runtime.step(layer, x, state, bias, block.attn.scale)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    runtime.exit(layer, x, state)
+    return x
+
+
+def _capture(runtime: Runtime, name: str, module: nn.Module, args: Any, output: Tensor) -> None:
+    runtime.capture(name, output)
+
+
+def _capture_v(runtime: Runtime, heads: int, head_dim: int, module: nn.Module, args: Any, output: Tensor) -> None:
+    b, n, _ = output.shape
+    runtime.capture("v", output.reshape(b, n, 3, heads, head_dim)[:, :, 2].transpose(1, 2))
+
+
+def _clear_state(runtime: Runtime, module: nn.Module, args: Any, output: Any) -> None:
+    runtime.clear()
+
+
+def _weighted_pool(model: nn.Module, runtime: Runtime, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """``VisionTransformer.pool`` with size-weighted averaging of merged tokens."""
+    pool_type = model.global_pool if pool_type is None else pool_type
+    state = runtime.current()
+    if state is None or (state.size is None and state.valid is None) or pool_type not in ("avg", "avgmax"):
+        return type(model).pool(model, x, pool_type)
+    size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+    if state.valid is not None:
+        size = size * state.valid.unsqueeze(-1)
+    if not model.pool_include_prefix:
+        p = model.num_prefix_tokens
+        x, size = x[:, p:], size[:, p:]
+    size = size.to(x.dtype)
+    avg = (x * size).sum(dim=1) / size.sum(dim=1)
+    if pool_type == "avg":
+        return avg
+    top = x.masked_fill(size == 0, float("-inf")).amax(dim=1)
+    return 0.5 * (top + avg)
+
+
+class TimmViT(Adapter):
+    name = "timm"
+    description = _SUPPORTED
+    library = "timm"
+    supported_versions = ("1.0", "1.1")
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        vit = sys.modules.get("timm.models.vision_transformer")
+        return vit is not None and isinstance(model, vit.VisionTransformer)
+
+    def describe(self, model: nn.Module) -> ModelInfo:
+        tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag") or ""
+        return ModelInfo(
+            family="timm.vit",
+            num_layers=len(model.blocks),
+            num_tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
+            num_protected=model.num_prefix_tokens,
+            pool="map" if model.attn_pool is not None else model.global_pool,
+            mae="mae" in tag.split("_"),
+        )
+
+    def _check(self, model: nn.Module) -> None:
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+
+        name = f"{type(model).__module__}.{type(model).__qualname__}"
+        for i, blk in enumerate(model.blocks):
+            if type(blk).forward is not Block.forward:
+                raise NoAdapterError(
+                    f"{name}: block {i} is a {type(blk).__qualname__}, which the timm adapter does not "
+                    f"support. Supported: {_SUPPORTED}"
+                )
+            if type(blk.attn).forward is not Attention.forward:
+                raise NoAdapterError(
+                    f"{name}: block {i} uses attention {type(blk.attn).__qualname__}, which the timm "
+                    f"adapter does not support. Supported: {_SUPPORTED}"
+                )
+        if model.attn_pool is not None:
+            raise NoAdapterError(
+                f"{name}: attention pooling (global_pool='map') is not supported by the timm adapter. "
+                f"Supported: {_SUPPORTED}"
+            )
+
+    def patch(self, model: nn.Module, patch: Patch) -> None:
+        self._check(model)
+        runtime = patch.runtime
+        needs = patch.reducer.requires
+        for i, blk in enumerate(model.blocks):
+            patch.set_attr(blk, "forward", partial(_block_forward, blk, runtime, i))
+            attn = blk.attn
+            if needs & {"keys", "cls_attn", "attn"}:
+                patch.add_hook(attn.k_norm.register_forward_hook(partial(_capture, runtime, "k")))
+            if needs & {"cls_attn", "attn"}:
+                patch.add_hook(attn.q_norm.register_forward_hook(partial(_capture, runtime, "q")))
+            if "values" in needs:
+                patch.add_hook(attn.qkv.register_forward_hook(partial(_capture_v, runtime, attn.num_heads, attn.head_dim)))
+        if model.global_pool in ("avg", "avgmax"):
+            patch.set_attr(model, "pool", partial(_weighted_pool, model, runtime))
+        patch.add_hook(model.register_forward_hook(partial(_clear_state, runtime), always_call=True))
