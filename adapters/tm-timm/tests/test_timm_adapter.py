@@ -196,3 +196,48 @@ def test_torch_compile_matches_eager():
         eager = model(x)
         compiled = torch.compile(model)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_inputs_match_an_explicit_attention(monkeypatch):
+    """keys / cls_attn / attn / values as a reducer sees them equal a hand computation from the
+    block's own weights, with the log(size) bias from the previous merge included."""
+    from tmcore import BaseReducer, bipartite_soft_matching
+    from tmcore.registry import Registration, registry
+
+    seen = []
+
+    class Recorder(BaseReducer):
+        name = "recorder"
+        requires = frozenset({"keys", "cls_attn", "attn", "values"})
+        prop_attn = True
+
+        def score(self, layer, inputs, state):
+            size = None if state.size is None else state.size.clone()
+            seen.append((inputs.keys, inputs.cls_attn, inputs.attn, inputs.values, size))
+            return inputs.keys
+
+        def match(self, layer, scores, state):
+            return bipartite_soft_matching(scores, 6, state.num_protected)
+
+    registry.ensure_loaded()
+    monkeypatch.setitem(registry.reducers, "recorder", Registration("recorder", Recorder, "tests", "0"))
+    model = tmcore.apply(tiny_timm_models()["layerscale_qknorm"](), "recorder")
+    normed = []
+    for blk in model.blocks:
+        blk.norm1.register_forward_hook(lambda m, a, out: normed.append(out))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+        for layer in (0, 1):
+            attn, y = model.blocks[layer].attn, normed[layer]
+            b, n, c = y.shape
+            q, k, v = attn.qkv(y).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            logits = (q * attn.scale) @ k.transpose(-1, -2)
+            keys, cls_attn, probs, values, size = seen[layer]
+            if layer:
+                logits = logits + size.log()[:, None, None, :, 0]
+            expected = logits.softmax(-1)
+            torch.testing.assert_close(keys, k.mean(1))
+            torch.testing.assert_close(probs, expected)
+            torch.testing.assert_close(cls_attn, expected[:, :, 0])
+            torch.testing.assert_close(values, v)
