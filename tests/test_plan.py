@@ -135,3 +135,71 @@ def test_merge_weighted_gradients_flow():
     y, _ = tmcore.merge_weighted(x, plan, size * 2)
     y.sum().backward()
     torch.testing.assert_close(x.grad.sum(), torch.tensor(2 * 7 * 5.0))
+
+
+def is_kept_of(kept, candidates):
+    """``[B, N]``: whether each input token is a kept candidate."""
+    position = torch.empty_like(candidates).scatter_(0, candidates, torch.arange(candidates.shape[0]))
+    return kept.gather(1, position.expand_as(kept))
+
+
+@st.composite
+def ragged_cases(draw):
+    """Per-sample decisions for `pack`: kept candidates (token 0 always kept) and, for the
+    others, an optional candidate to merge into (kept or not)."""
+    b, n, c = draw(st.integers(1, 4)), draw(st.integers(1, 24)), draw(st.integers(1, 4))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    candidates = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n - 1, generator=gen) + 1])
+    kept = torch.rand(b, n, generator=gen) < draw(st.floats(0.1, 0.9))
+    kept[:, 0] = True
+    src = torch.arange(n).expand(b, n)
+    is_kept = is_kept_of(kept, candidates)
+    target = torch.randint(0, n, (b, n), generator=gen)
+    target = torch.where(is_kept | (torch.rand(b, n, generator=gen) < 0.5), -1, target)
+    x = torch.randn(b, n, c, generator=gen, dtype=torch.float64)
+    size = torch.randint(1, 4, (b, n, 1), generator=gen).double()
+    return candidates, kept, src, target, x, size
+
+
+@given(ragged_cases())
+def test_ragged_plan_equals_per_sample_plans(case):
+    from tmcore.plan import pack
+
+    candidates, kept, src, target, x, size = case
+    b, n = kept.shape
+    plan = pack(candidates, kept, n, src, target)
+    counts = kept.sum(1)
+    assert plan.num_out == int(counts.max()) and torch.equal(plan.valid.sum(1), counts)
+    assert torch.equal(plan.valid, torch.arange(plan.num_out) < counts[:, None])
+    merged, new_size = tmcore.merge_weighted(x, plan, size)
+    summed, amax = reduce(x, plan, "sum"), reduce(x, plan, "amax")
+    dest = destinations(plan)
+    back = unmerge(merged, plan)
+    assert torch.isfinite(merged).all() and (new_size > 0).all(), "padding slots must stay finite"
+    for i in range(b):
+        one = pack(candidates, kept[i : i + 1], n, src[i : i + 1], target[i : i + 1])
+        m = int(counts[i])
+        assert one.valid.all() and one.num_out == m
+        xi, si = tmcore.merge_weighted(x[i : i + 1], one, size[i : i + 1])
+        torch.testing.assert_close(merged[i : i + 1, :m], xi, rtol=0, atol=0)
+        torch.testing.assert_close(new_size[i : i + 1, :m], si, rtol=0, atol=0)
+        torch.testing.assert_close(summed[i : i + 1, :m], reduce(x[i : i + 1], one, "sum"), rtol=0, atol=0)
+        torch.testing.assert_close(amax[i : i + 1, :m], reduce(x[i : i + 1], one, "amax"), rtol=0, atol=0)
+        assert torch.equal(dest[i : i + 1], destinations(one))
+        torch.testing.assert_close(back[i : i + 1], unmerge(xi, one), rtol=0, atol=0)
+    # every token lands in a real slot or is dropped; a merged token joins its target's slot
+    assert (plan.valid.gather(1, dest.clamp(min=0))[dest >= 0]).all()
+    joined = (target >= 0) & kept.gather(1, target.clamp(min=0))
+    assert ((dest >= 0) == (is_kept_of(kept, candidates) | joined)).all()
+
+
+def test_ragged_source_map_composes_and_skips_padding():
+    from tmcore.plan import pack
+
+    # sample 0 keeps 3 of 4 tokens (token 3 merges into token 1); sample 1 keeps 2 (2 and 3 pruned)
+    kept = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    plan = pack(torch.arange(4), kept, 4, torch.arange(4).expand(2, 4), torch.tensor([[-1, -1, -1, 1], [-1, -1, -1, -1]]))
+    assert plan.keep.tolist() == [[0, 1, 2], [0, 1, 0]] and plan.valid.tolist() == [[True] * 3, [True, True, False]]
+    source = compose_source(identity_source(2, 4), plan)
+    assert source.tolist() == [[0, 1, 2, 1], [0, 1, -1, -1]]
+    assert source_matrix(source, 3).sum(2).tolist() == [[1, 2, 1], [1, 1, 0]]

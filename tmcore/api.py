@@ -46,6 +46,13 @@ def apply(model: nn.Module, reducer: str, *, replace: bool = False, **config: An
         UnknownReducerError, InvalidConfigError, NoAdapterError, IncompatibleVersionError,
         AlreadyAppliedError.
     """
+    patch = _build(model, reducer, config, replace)
+    _install(model, patch)
+    return model
+
+
+def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool) -> Patch:
+    """Validate everything and build the reducer and its Patch; the model is not touched yet."""
     reducer_cls = registry.get_reducer(reducer).obj
     cfg = validate_config(reducer_cls, config)
     if not isinstance(model, nn.Module):
@@ -67,16 +74,19 @@ def apply(model: nn.Module, reducer: str, *, replace: bool = False, **config: An
         )
     info = adapter.describe(model)
     instance = reducer_cls(cfg, info)
-    if existing is not None:
+    return Patch(instance, adapter, Runtime(instance, info))
+
+
+def _install(model: nn.Module, patch: Patch) -> None:
+    """Replace any reducer on ``model`` with ``patch``'s (all or nothing)."""
+    if get_patch(model) is not None:
         remove(model)
-    patch = Patch(instance, adapter, Runtime(instance, info))
     try:
-        adapter.patch(model, patch)
+        patch.adapter.patch(model, patch)
         patch.set_attr(model, _ATTR, patch)
     except BaseException:
         patch.undo()
         raise
-    return model
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -122,7 +132,12 @@ def save(model: nn.Module, path: str | Path) -> None:
 
 
 def load(model: nn.Module, path: str | Path) -> nn.Module:
-    """Apply the reducer saved by `save` to ``model`` (replacing any), with its learned state."""
+    """Apply the reducer saved by `save` to ``model`` (replacing any), with its learned state.
+
+    Raises:
+        InvalidConfigError: not a tmcore file, or its config / learned state does not fit this
+            model (the model is then left as it was).
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -130,8 +145,11 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if metadata.get("format") != _FORMAT:
         raise InvalidConfigError(f"{path}: not a tmcore reducer file (format {metadata.get('format')!r}, expected {_FORMAT!r})")
-    apply(model, metadata["reducer"], replace=True, **json.loads(metadata["config"]))
-    _require_patch(model, "tmcore.load").reducer.load_state_tensors(tensors)
+    # Build and load the learned state first: a file for another model (e.g. another number of
+    # blocks) raises before the model is touched.
+    patch = _build(model, metadata["reducer"], json.loads(metadata["config"]), replace=True)
+    patch.reducer.load_state_tensors(tensors)
+    _install(model, patch)
     return model
 
 

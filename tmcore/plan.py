@@ -5,8 +5,15 @@ token ``keep[:, j]``; each input token ``src[:, k]`` is then folded into slot ``
 an input token in neither set is pruned. The order of ``keep`` *is* the output order, which the
 published methods choose on purpose (ToMe's reshuffle), so it is part of the plan.
 
+Ragged plans (adaptive methods such as LTMP, where every sample keeps a different number of
+tokens) carry ``valid`` ``[B, M]``, ``False`` on padding slots; ``M`` is the largest count in
+the batch and `pack` puts each sample's tokens first. Padding slots are seeded by a real token
+(token 0), so they hold finite values; the runtime masks them out of attention and pooling. A
+ragged plan may also mark unused ``src`` entries with ``src_dst = -1``, so that per-sample merge
+counts fit one ``[B, K]`` tensor.
+
 Everything here is batched tensor code: gathers and one scatter per call, no Python loops over
-images or tokens, no host synchronisation.
+images or tokens, no host synchronisation (except `pack`, which must learn ``M``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ __all__ = [
     "unmerge",
     "destinations",
     "compose_source",
+    "pack",
     "source_matrix",
     "identity_source",
 ]
@@ -40,22 +48,25 @@ class Plan:
         src: ``[B, K]`` long, input tokens merged into an existing slot (``K`` may be 0).
         src_dst: ``[B, K]`` long, the output slot (``0 <= slot < M``) each ``src`` token joins.
         num_in: ``N``, the number of input tokens.
+        valid: ``[B, M]`` bool, ``False`` on padding slots of a ragged plan; ``None`` when every
+            sample keeps all ``M`` slots (fixed-count plans, the fast path).
     """
 
     keep: Tensor
     src: Tensor
     src_dst: Tensor
     num_in: int
+    valid: Tensor | None = None
 
     @property
     def num_out(self) -> int:
         return self.keep.shape[1]
 
     @classmethod
-    def prune(cls, keep: Tensor, num_in: int) -> "Plan":
+    def prune(cls, keep: Tensor, num_in: int, valid: Tensor | None = None) -> "Plan":
         """A plan that keeps ``keep`` ``[B, M]`` (in that order) and drops every other token."""
         empty = keep.new_empty((keep.shape[0], 0))
-        return cls(keep=keep, src=empty, src_dst=empty, num_in=num_in)
+        return cls(keep=keep, src=empty, src_dst=empty, num_in=num_in, valid=valid)
 
 
 def _rows(index: Tensor, channels: int) -> Tensor:
@@ -67,6 +78,18 @@ def _flat(index: Tensor, n: int) -> Tensor:
     """``[B, K]`` per-sample token index -> ``[B * K]`` row index into a ``[B * n, C]`` view."""
     offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n
     return (index + offsets).flatten()
+
+
+def _layout(plan: Plan, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat row indices ``(seed rows, src rows, their output rows)`` into ``[B * n, C]`` inputs
+    and ``[B * M (+ 1), C]`` outputs. A ragged plan's unused ``src`` entries (``src_dst < 0``)
+    all go to one spare output row ``B * M``, which the caller drops (works for every mode)."""
+    b, m = plan.keep.shape
+    keep, src, dst = _flat(plan.keep, n), _flat(plan.src, n), _flat(plan.src_dst, m)
+    if plan.valid is not None and plan.src.shape[1]:
+        keep = torch.cat([keep, keep[:1]])
+        dst = torch.where(plan.src_dst.flatten() < 0, b * m, dst)
+    return keep, src, dst
 
 
 def reduce(x: Tensor, plan: Plan, mode: ReduceMode = "sum") -> Tensor:
@@ -86,16 +109,16 @@ def reduce(x: Tensor, plan: Plan, mode: ReduceMode = "sum") -> Tensor:
     b, n, c = x.shape
     m = plan.num_out
     rows = x.reshape(b * n, c)
-    out = rows.index_select(0, _flat(plan.keep, n))
+    keep, src_rows, dst = _layout(plan, n)
+    out = rows.index_select(0, keep)
     if plan.src.shape[1] == 0:
         return out.view(b, m, c)
-    src = rows.index_select(0, _flat(plan.src, n))
-    dst = _flat(plan.src_dst, m)
+    src = rows.index_select(0, src_rows)
     if mode == "sum":
         out.index_add_(0, dst, src)
     else:
         out.scatter_reduce_(0, dst.unsqueeze(1).expand(-1, c), src, reduce=mode, include_self=True)
-    return out.view(b, m, c)
+    return out[: b * m].view(b, m, c)
 
 
 def merge_weighted(x: Tensor, plan: Plan, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -121,11 +144,11 @@ def merge_weighted(x: Tensor, plan: Plan, weight: Tensor | None = None) -> tuple
     b, n, c = x.shape
     m = plan.num_out
     rows, w_rows = x.reshape(b * n, c), weight.reshape(b * n, 1)
-    keep, src = _flat(plan.keep, n), _flat(plan.src, n)
+    keep, src, dst = _layout(plan, n)
     out = rows.index_select(0, keep).mul_(w_rows.index_select(0, keep).to(x.dtype))
     merged = rows.index_select(0, src).mul_(w_rows.index_select(0, src).to(x.dtype))
-    out.index_add_(0, _flat(plan.src_dst, m), merged)
-    return out.view(b, m, c).div_(total.to(x.dtype)), total
+    out.index_add_(0, dst, merged)
+    return out[: b * m].view(b, m, c).div_(total.to(x.dtype)), total
 
 
 def destinations(plan: Plan) -> Tensor:
@@ -133,9 +156,17 @@ def destinations(plan: Plan) -> Tensor:
     b, m = plan.keep.shape
     dest = plan.keep.new_full((b, plan.num_in), -1)
     slots = torch.arange(m, device=plan.keep.device).expand(b, m)
-    dest.scatter_(1, plan.keep, slots)
+    if plan.valid is None:
+        dest.scatter_(1, plan.keep, slots)
+        if plan.src.shape[1]:
+            dest.scatter_(1, plan.src, plan.src_dst)
+        return dest
+    # Ragged: padding slots and unused src entries write -1, and a token's real slot (>= 0)
+    # wins over them whatever the write order, so amax is exact (a real token is either kept
+    # or merged, never both).
+    dest.scatter_reduce_(1, plan.keep, slots.masked_fill(~plan.valid, -1), reduce="amax")
     if plan.src.shape[1]:
-        dest.scatter_(1, plan.src, plan.src_dst)
+        dest.scatter_reduce_(1, plan.src, plan.src_dst, reduce="amax")
     return dest
 
 
@@ -147,9 +178,47 @@ def unmerge(y: Tensor, plan: Plan) -> Tensor:
     """
     dest = destinations(plan)
     out = y.gather(1, _rows(dest.clamp(min=0), y.shape[-1]))
-    if plan.src.shape[1] == 0 and plan.keep.shape[1] == plan.num_in:
+    if plan.src.shape[1] == 0 and plan.keep.shape[1] == plan.num_in and plan.valid is None:
         return out
     return out.masked_fill(dest.unsqueeze(-1) < 0, 0)
+
+
+def pack(
+    candidates: Tensor,
+    kept: Tensor,
+    num_in: int,
+    src: Tensor | None = None,
+    src_target: Tensor | None = None,
+) -> Plan:
+    """Build a ragged Plan from per-sample decisions: each sample keeps its flagged candidates,
+    in candidate order, packed to the front; the rest of the ``M`` slots is padding.
+
+    Args:
+        candidates: ``[B, L]`` (or ``[L]``, shared) long, input tokens in output order.
+        kept: ``[B, L]`` bool, the candidates that become output slots.
+        num_in: ``N``, the number of input tokens.
+        src: ``[B, K]`` long, input tokens to fold into a candidate's slot (optional).
+        src_target: ``[B, K]`` long, the candidate position (index into ``candidates``) each
+            ``src`` token joins, ``-1`` for none; a token whose candidate is not kept is dropped
+            with it.
+
+    Returns:
+        A Plan with ``valid``; ``M = max(kept.sum(1))``, the one host synchronisation here.
+    """
+    b, length = kept.shape
+    candidates = candidates.expand(b, length)
+    slot = kept.cumsum(1) - 1  # [B, L] output slot of every kept candidate
+    count = kept.sum(1)
+    m = int(count.max()) if b else 0
+    # Unkept candidates are written to a spare column m, cut off below; padding stays token 0.
+    keep = candidates.new_zeros(b, m + 1).scatter_(1, torch.where(kept, slot, m), candidates)[:, :m]
+    valid = torch.arange(m, device=kept.device) < count.unsqueeze(1)
+    if src is None or src_target is None or src.shape[1] == 0:
+        return Plan.prune(keep, num_in, valid)
+    target = src_target.clamp(min=0)
+    joins = (src_target >= 0) & kept.gather(1, target)
+    src_dst = torch.where(joins, slot.gather(1, target), -1)
+    return Plan(keep=keep, src=src, src_dst=src_dst, num_in=num_in, valid=valid)
 
 
 def identity_source(batch: int, num_tokens: int, device: torch.device | None = None) -> Tensor:

@@ -25,6 +25,7 @@ class ModelInfo(BaseModel):
         num_layers: blocks that reduce (``L``).
         num_tokens: tokens entering the first block at the model's default input size.
         num_protected: length of the protected prefix (class, distillation, register tokens).
+        dim: embedding width ``C`` of the token stream (FLOP models use it); 0 if unknown.
         pool: how the head pools tokens: ``token``, ``avg``, ``max``, ``avgmax`` or ``""`` (none).
         mae: MAE-style self-supervised weights (ToMe and PiToMe change defaults for them).
         modality: ``vision`` or ``text``.
@@ -36,6 +37,7 @@ class ModelInfo(BaseModel):
     num_layers: int
     num_tokens: int
     num_protected: int
+    dim: int = 0
     pool: str = "token"
     mae: bool = False
     modality: Literal["vision", "text"] = "vision"
@@ -54,6 +56,14 @@ class TokenReducer(Protocol):
     Class attributes: ``name`` (registry name), ``config_model`` (a `ReducerConfig` subclass),
     ``requires`` (subset of `INPUTS` the adapter must compute). Instances are built once per
     ``tmcore.apply`` from a validated config and the `ModelInfo`, and hold no per-forward state.
+
+    Optional: ``soft_step(layer, x, inputs, state) -> x``. A reducer that defines it is trained
+    with soft masks: in training mode nothing is removed; the runtime keeps a straight-through
+    keep-mask in ``state.mask`` (all ones at block 0), adapters mask removed keys out of
+    attention with it, and ``soft_step`` replaces score / match / reduce, updating
+    ``state.mask`` (and ``state.size``) in place of a Plan. See `tmcore.state.Runtime`.
+    Ragged plans (``Plan.valid``, built with `tmcore.plan.pack`) let per-sample token counts
+    differ at inference; ``state.valid`` then marks the real tokens of the next layer.
     """
 
     name: ClassVar[str]

@@ -18,7 +18,34 @@ from tmcore.plan import compose_source, identity_source, source_matrix
 if TYPE_CHECKING:
     from tmcore.reducer import ModelInfo, TokenReducer
 
-__all__ = ["TokenState", "LayerInputs", "Trace", "Runtime"]
+__all__ = ["TokenState", "LayerInputs", "Trace", "Runtime", "masked_softmax", "MASK_EPS"]
+
+MASK_EPS = 1e-5
+"""The epsilon of `masked_softmax` (LTMP's value): keeps a row finite when the alive keys'
+weights all underflow."""
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, eps: float = MASK_EPS) -> Tensor:
+    """Softmax over keys where a soft keep-mask multiplies each key's weight (LTMP 4.4).
+
+    ``p_ij = (e_ij * mask_j + eps / N) / (sum_j e_ij * mask_j + eps)`` with
+    ``e_ij = exp(logit_ij - max_j logit_ij)``. The mask enters multiplicatively, so gradients
+    reach whatever produced it (straight-through threshold masks); ``eps = 0`` is an exact
+    masked softmax.
+
+    Args:
+        logits: ``[B, H, N, N]`` attention logits, biases (``log(size)``, ``-inf``) included.
+        mask: ``[B, N]`` per-key weight in ``[0, 1]`` (1 alive, 0 removed).
+        eps: stabiliser; rows whose alive keys all underflow become near-uniform, not NaN.
+
+    Returns:
+        ``[B, H, N, N]`` probabilities, in ``float32`` or wider.
+    """
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * mask[:, None, None, :].to(logits.dtype)
+    if eps == 0:
+        return e / e.sum(dim=-1, keepdim=True)
+    return (e + eps / e.shape[-1]) / (e.sum(dim=-1, keepdim=True) + eps)
 
 _ids = itertools.count()
 
@@ -28,15 +55,22 @@ class Trace:
 
     Attributes:
         token_counts: tokens entering each block, then the count leaving the last block; an int
-            per entry, or a ``[B]`` tensor where samples in the batch differ.
+            per entry, or a ``[B]`` long tensor where samples in the batch differ (ragged batches;
+            alive tokens under a soft mask).
         sizes: ``[B, M, 1]`` final token sizes (how many input tokens each output token stands for).
-        source: ``[B, N0]`` long, the output slot of every input token (``-1`` where pruned).
+        source: ``[B, N0]`` long, the output slot of every input token (``-1`` where pruned);
+            ``None`` in soft-mask (training) mode, where tokens are masked, not moved.
+        valid: ``[B, M]`` bool, ``False`` on the final padding slots of a ragged batch, or ``None``.
+        masks: soft-mask mode only: the ``[B, N0]`` keep mask after each block, straight-through
+            (gradients reach the reducer's learned parameters, e.g. for a FLOPs loss).
     """
 
     def __init__(self) -> None:
         self.token_counts: list[int | Tensor] = []
         self.sizes: Tensor | None = None
         self.source: Tensor | None = None
+        self.valid: Tensor | None = None
+        self.masks: list[Tensor] = []
 
     def source_matrix(self) -> Tensor:
         """ToMe's ``[B, M, N0]`` 0/1 matrix: row ``g`` marks the inputs merged into output ``g``."""
@@ -59,18 +93,24 @@ class TokenState:
     """Token bookkeeping for one forward pass.
 
     Attributes:
-        size: ``[B, N, 1]`` tokens each slot stands for; ``None`` until the first reduction.
+        size: ``[B, N, 1]`` tokens each slot stands for; ``None`` until the first reduction
+            (padding slots of a ragged batch have size 1, so nothing divides by zero).
         valid: ``[B, N]`` bool, ``False`` on padding slots of ragged batches; ``None`` if none.
+        mask: ``[B, N]`` float soft keep-mask (1 alive, 0 removed, straight-through values), set
+            in training mode for reducers with a ``soft_step``; ``None`` otherwise. While it is
+            set, adapters compute attention with `masked_softmax` and hand the probabilities
+            over as ``captured["attn"]``.
         source: ``[B, N0]`` long source map, kept only while tracing.
-        captured: tensors the adapter's hooks captured in the current layer (q, k, v).
+        captured: tensors the adapter captured in the current layer (q, k, v, soft-mode attn).
         num_input: tokens entering the first block (schedules are defined from it).
     """
 
-    __slots__ = ("size", "valid", "source", "captured", "prop_attn", "num_protected", "num_input", "trace")
+    __slots__ = ("size", "valid", "mask", "source", "captured", "prop_attn", "num_protected", "num_input", "trace")
 
     def __init__(self, num_protected: int, num_input: int, prop_attn: bool, trace: Trace | None) -> None:
         self.size: Tensor | None = None
         self.valid: Tensor | None = None
+        self.mask: Tensor | None = None
         self.source: Tensor | None = None
         self.captured: dict[str, Tensor] = {}
         self.prop_attn = prop_attn
@@ -84,15 +124,26 @@ class TokenState:
         backbone's fused attention runs exactly as unpatched."""
         bias = None
         if self.prop_attn and self.size is not None:
-            bias = self.size.float().log().transpose(1, 2).unsqueeze(1)
+            # log in float32 at least (half sizes lose integers), in float64 for float64 models
+            bias = self.size.to(torch.promote_types(self.size.dtype, torch.float32)).log().transpose(1, 2).unsqueeze(1)
         if self.valid is not None:
             invalid = (~self.valid).unsqueeze(1).unsqueeze(1)
             bias = (bias if bias is not None else invalid.new_zeros(invalid.shape, dtype=torch.float32))
             bias = bias.masked_fill(invalid, float("-inf"))
         return None if bias is None else bias.to(dtype)
 
+    def attn_probs(self, logits: Tensor) -> Tensor:
+        """Soft-mask attention: `masked_softmax` of ``logits`` ``[B, H, N, N]`` (biases already
+        added) under `mask`; the adapter's explicit attention path while `mask` is set."""
+        if self.mask is None:
+            raise RuntimeError("attn_probs needs a soft mask (training mode of a reducer with soft_step)")
+        return masked_softmax(logits, self.mask)
+
     def count(self, x: Tensor) -> int | Tensor:
-        """Tokens per sample of ``x``: an int, or a ``[B]`` tensor for ragged batches."""
+        """Tokens per sample of ``x``: an int, or a ``[B]`` long tensor for ragged batches and
+        for alive tokens under a soft mask."""
+        if self.mask is not None:
+            return self.mask.detach().sum(1).round().long()
         return x.shape[1] if self.valid is None else self.valid.sum(1)
 
 
@@ -102,8 +153,9 @@ class LayerInputs:
     Built from the q, k, v the adapter captured (each ``[B, H, N, d]``, exactly as the attention
     used them) and the attention bias. Names match ``TokenReducer.requires``:
     ``keys`` ``[B, N, d]`` head-mean keys; ``cls_attn`` ``[B, H, N]`` the class token's attention
-    row (one query, no ``N x N`` matrix); ``attn`` ``[B, H, N, N]`` full attention probabilities;
-    ``values`` ``[B, H, N, d]``.
+    row (one query, no ``N x N`` matrix); ``attn`` ``[B, H, N, N]`` full attention probabilities
+    (the adapter's own when it computed them explicitly, e.g. under a soft mask, else recomputed
+    from q and k); ``values`` ``[B, H, N, d]``.
     """
 
     def __init__(self, captured: dict[str, Tensor], bias: Tensor | None, scale: float) -> None:
@@ -137,6 +189,8 @@ class LayerInputs:
 
     @property
     def attn(self) -> Tensor:
+        if "attn" in self._c:
+            return self._c["attn"]
         if "attn" not in self._cache:
             self._cache["attn"] = self._probs(self._get("q"))
         return self._cache["attn"]
@@ -149,13 +203,21 @@ class LayerInputs:
 class Runtime:
     """The per-patch link between a model's patched modules and the current forward's state.
 
-    Adapters call, in each block: ``enter(layer, x)`` first, ``step(layer, x, state, bias, scale)``
-    between attention and MLP, ``exit(layer, x, state)`` last; hooks call ``capture``.
+    Adapters call, in each block: ``enter(layer, x, training)`` first,
+    ``step(layer, x, state, bias, scale)`` between attention and MLP, ``exit(layer, x, state)``
+    last; hooks call ``capture``.
+
+    Soft-mask mode: when the model is in training mode and the reducer defines
+    ``soft_step(layer, x, inputs, state) -> x``, block 0 opens the state with ``mask`` all ones;
+    adapters then run attention through `TokenState.attn_probs`, and `step` calls ``soft_step``
+    (which updates ``state.mask`` / ``state.size`` and removes nothing) instead of
+    score / match / reduce.
     """
 
     def __init__(self, reducer: "TokenReducer", info: "ModelInfo") -> None:
         self.reducer = reducer
         self.info = info
+        self.soft = callable(getattr(reducer, "soft_step", None))
         uid = next(_ids)
         self._state: ContextVar[TokenState | None] = ContextVar(f"tmcore_state_{uid}", default=None)
         self.trace_var: ContextVar[Trace | None] = ContextVar(f"tmcore_trace_{uid}", default=None)
@@ -174,14 +236,19 @@ class Runtime:
         if state is not None:
             state.captured[name] = tensor
 
-    def enter(self, layer: int, x: Tensor) -> TokenState:
-        """Start of block ``layer``; block 0 opens a fresh state for this forward."""
+    def enter(self, layer: int, x: Tensor, training: bool = False) -> TokenState:
+        """Start of block ``layer``; block 0 opens a fresh state for this forward (with a soft
+        mask when ``training`` and the reducer has a ``soft_step``)."""
         state = self._state.get()
         if layer == 0 or state is None:
             trace = self.trace_var.get()
             state = TokenState(self.info.num_protected, x.shape[1], self.reducer.prop_attn, trace)
+            if training and self.soft:
+                state.mask = x.new_ones(x.shape[0], x.shape[1])
             if trace is not None:
-                state.source = identity_source(x.shape[0], x.shape[1], x.device)
+                trace.masks = []
+                if state.mask is None:
+                    state.source = identity_source(x.shape[0], x.shape[1], x.device)
             self._state.set(state)
         if state.trace is not None:
             if layer == 0:
@@ -197,11 +264,21 @@ class Runtime:
         with torch.profiler.record_function("tmcore::reduce"):
             inputs = LayerInputs(state.captured, bias, scale)
             reducer = self.reducer
+            if state.mask is not None:
+                x = reducer.soft_step(layer, x, inputs, state)  # type: ignore[attr-defined]
+                state.captured = {}
+                if state.trace is not None:
+                    state.trace.masks.append(state.mask)
+                return x
             plan = reducer.match(layer, reducer.score(layer, inputs, state), state)
             state.captured = {}
             if plan is None:
                 return x
-            x, state.size = reducer.reduce(x, plan, state)
+            x, size = reducer.reduce(x, plan, state)
+            if plan.valid is not None and size is not None:
+                # padding slots: size 1 (finite log, no division by zero); valid masks them out
+                size = size.masked_fill(~plan.valid.unsqueeze(-1), 1)
+            state.size, state.valid = size, plan.valid  # the plan's output validity replaces the state's
             if state.source is not None:
                 state.source = compose_source(state.source, plan)
             return x
@@ -213,3 +290,4 @@ class Runtime:
             trace.token_counts.append(state.count(x))
             trace.sizes = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
             trace.source = state.source
+            trace.valid = state.valid

@@ -241,3 +241,62 @@ def test_layer_inputs_match_an_explicit_attention(monkeypatch):
             torch.testing.assert_close(probs, expected)
             torch.testing.assert_close(cls_attn, expected[:, :, 0])
             torch.testing.assert_close(values, v)
+
+
+def test_soft_mask_attention_composes_the_attention_submodules(monkeypatch):
+    """Training mode with a reducer that has ``soft_step``: attention runs as the masked
+    softmax of tmcore.state (mask multiplies each key's weight), the probabilities reach the
+    reducer, the mask gets gradients, pooling ignores masked tokens; eval mode stays fused."""
+    from tmcore import BaseReducer
+    from tmcore.registry import Registration, registry
+    from tmcore.state import masked_softmax
+
+    seen, gate = [], torch.tensor([1.0] * 40 + [0.0] * 28, dtype=torch.float64, requires_grad=True)
+
+    class SoftRecorder(BaseReducer):
+        name = "soft_recorder"
+        requires = frozenset({"keys", "attn"})
+        prop_attn = True
+        merge_only = False
+
+        def match(self, layer, scores, state):
+            return None
+
+        def soft_step(self, layer, x, inputs, state):
+            seen.append((inputs.attn, inputs.keys, state.mask, None if state.size is None else state.size.clone()))
+            state.mask = state.mask * gate
+            state.size = torch.full_like(x[..., :1], 2.0)
+            return x
+
+    registry.ensure_loaded()
+    monkeypatch.setitem(registry.reducers, "soft_recorder", Registration("soft_recorder", SoftRecorder, "tests", "0"))
+    model = tmcore.apply(tiny_timm_models()["reg4_avgpool"](), "soft_recorder")
+    normed, projected, fused_calls = [], [], []
+    for blk in model.blocks:
+        blk.norm1.register_forward_hook(lambda m, a, out: normed.append(out))
+        blk.attn.proj.register_forward_hook(lambda m, a, out: projected.append(out))
+        blk.attn.register_forward_hook(lambda m, a, out: fused_calls.append(1))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model.train()
+    with tmcore.trace(model) as t:
+        out = model(x)
+    assert not fused_calls and len(seen) == 4
+    attn, y = model.blocks[1].attn, normed[1]
+    b, n, c = y.shape
+    q, k, v = attn.qkv(y).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    logits = (q * attn.scale) @ k.transpose(-1, -2) + torch.log(seen[1][3])[:, None, None, :, 0]
+    probs = masked_softmax(logits, gate.expand(b, n))
+    torch.testing.assert_close(seen[1][0], probs)
+    torch.testing.assert_close(seen[1][1], k.mean(1))
+    torch.testing.assert_close(projected[1], attn.proj((probs @ v).transpose(1, 2).reshape(b, n, c)))
+    assert [m.shape for m in t.masks] == [(2, 68)] * 4 and t.token_counts[-1].tolist() == [40, 40]
+    feats = model.forward_features(x)
+    pooled = model.forward_head(feats, pre_logits=True)
+    torch.testing.assert_close(pooled, model.fc_norm(feats[:, 4:40].mean(1)))
+    out.sum().backward()
+    assert gate.grad is not None and gate.grad[40:].abs().sum() > 0, "the mask of removed keys gets gradients"
+    steps = len(seen)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert len(fused_calls) == 4 and len(seen) == steps  # eval: no soft_step, fused attention

@@ -7,6 +7,11 @@ paths. So the patched block forward below composes the block's own submodules wi
 reduction between the two lines, feeds ``log(size)`` through ``attn_mask``, and captures q / k /
 v with forward hooks on ``attn.q_norm`` / ``attn.k_norm`` / ``attn.qkv`` (exactly what the
 attention used). No timm forward code is copied; `tmcore.remove` restores every module.
+
+Soft-mask training (reducers with ``soft_step``, e.g. LTMP in ``train()``): the keep-mask must
+enter the softmax itself, which no public argument allows, so `_masked_attention` composes the
+Attention's public submodules around `TokenState.attn_probs` and hands the probabilities to
+the reducer. Without a soft mask the fused path above runs unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError
+from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError, TokenState
 
 _SUPPORTED = (
     "timm VisionTransformer and subclasses built from timm.models.vision_transformer.Block with "
@@ -35,6 +40,28 @@ def _attn_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _masked_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: TokenState, runtime: Runtime) -> Tensor:
+    """timm ``Attention`` under a soft keep-mask, composed from its public submodules: the
+    softmax is `TokenState.attn_probs` (the mask multiplies each key's weight, so gradients reach
+    it). q / k pass through ``q_norm`` / ``k_norm`` (their capture hooks fire as usual); the
+    probabilities, after ``attn_drop`` as the attention uses them, are captured as ``attn``."""
+    b, n, _ = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    probs = attn.attn_drop(state.attn_probs(logits))
+    runtime.capture("attn", probs)
+    y = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)
+    y = attn.norm(y)
+    if gate is not None:
+        y = y * gate
+    return attn.proj_drop(attn.proj(y))
+
+
 def _block_forward(
     block: nn.Module,
     runtime: Runtime,
@@ -49,9 +76,13 @@ def _block_forward(
             "a tmcore-patched timm block got attn_mask / is_causal from the caller; token reduction "
             "changes the sequence, so caller masks are not supported (call tmcore.remove first)"
         )
-    state = runtime.enter(layer, x)
+    state = runtime.enter(layer, x, block.training)
     bias = state.attn_bias(_attn_dtype(x))
-    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+    if state.mask is None:
+        y = block.attn(block.norm1(x), attn_mask=bias)
+    else:
+        y = _masked_attention(block.attn, block.norm1(x), bias, state, runtime)
+    x = x + block.drop_path1(block.ls1(y))
     x = runtime.step(layer, x, state, bias, block.attn.scale)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     runtime.exit(layer, x, state)
@@ -72,14 +103,21 @@ def _clear_state(runtime: Runtime, module: nn.Module, args: Any, output: Any) ->
 
 
 def _weighted_pool(model: nn.Module, runtime: Runtime, x: Tensor, pool_type: str | None = None) -> Tensor:
-    """``VisionTransformer.pool`` with size-weighted averaging of merged tokens."""
+    """``VisionTransformer.pool`` with size-weighted averaging of merged tokens; padding slots
+    (ragged batches) and soft-masked tokens (training mode) weigh 0."""
     pool_type = model.global_pool if pool_type is None else pool_type
     state = runtime.current()
-    if state is None or (state.size is None and state.valid is None) or pool_type not in ("avg", "avgmax"):
+    if (
+        state is None
+        or (state.size is None and state.valid is None and state.mask is None)
+        or pool_type not in ("avg", "avgmax")
+    ):
         return type(model).pool(model, x, pool_type)
     size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
     if state.valid is not None:
         size = size * state.valid.unsqueeze(-1)
+    if state.mask is not None:
+        size = size * state.mask.unsqueeze(-1)
     if not model.pool_include_prefix:
         p = model.num_prefix_tokens
         x, size = x[:, p:], size[:, p:]
@@ -109,6 +147,7 @@ class TimmViT(Adapter):
             num_layers=len(model.blocks),
             num_tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
             num_protected=model.num_prefix_tokens,
+            dim=model.embed_dim,
             pool="map" if model.attn_pool is not None else model.global_pool,
             mae="mae" in tag.split("_"),
         )
