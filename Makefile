@@ -7,7 +7,7 @@ DISTS := . $(wildcard plugins/*) $(wildcard adapters/*)
 STAMP := $(VENV)/.tmcore-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean train-fmnist
 
 install: $(STAMP)
 
@@ -22,6 +22,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Re-train the bundled model (about 3.5 hours on 2 cores) and export it into tmcore/models/.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+train-fmnist: $(STAMP)
+	test -d $(FMNIST_DIR) || apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist
+	$(PY) scripts/train_fmnist_vit.py --out build/fmnist --epochs 3
+	$(PY) scripts/train_fmnist_vit.py --out build/fmnist2 --epochs 4 --lr 5e-4 --warmup-steps 100 --seed 1 --bf16 \
+		--init build/fmnist/model.safetensors
+	$(PY) scripts/export_fmnist.py --run build/fmnist --run build/fmnist2
 
 clean:
 	rm -rf $(VENV)

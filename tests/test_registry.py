@@ -122,8 +122,8 @@ def test_env_selects_and_disables_distributions(site, monkeypatch):
 
 def test_unknown_reducer_lists_installed_and_pip_name():
     with pytest.raises(UnknownReducerError) as err:
-        tmcore.apply(object(), "pitome", ratio=0.9)
+        tmcore.apply(object(), "tomecis", k=2)
     msg = str(err.value)
-    assert "unknown reducer 'pitome'" in msg and "tome (tm-tome)" in msg and "pip install tm-pitome" in msg
+    assert "unknown reducer 'tomecis'" in msg and "tome (tm-tome)" in msg and "pip install tm-tomecis" in msg
     with pytest.raises(UnknownReducerError, match="Did you mean 'tome'"):
         tmcore.apply(object(), "tomee", r=1)

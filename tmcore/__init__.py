@@ -5,6 +5,7 @@
     tmcore.apply(model, "tome", r=13)
 """
 
+from tmcore import models
 from tmcore.adapter import Adapter, Patch
 from tmcore.api import adapters, apply, get_patch, load, plugins, reducers, remove, save, trace
 from tmcore.errors import (
@@ -33,6 +34,6 @@ __all__ = [
     "LayerInputs", "ModelInfo", "NoAdapterError", "NotAppliedError", "Patch", "Plan", "PluginError",
     "PluginLoadWarning", "RSchedule", "ReducerConfig", "Runtime", "ScheduleClampWarning", "TmcoreError",
     "TokenReducer", "TokenState", "Trace", "UnknownReducerError", "adapters", "apply",
-    "bipartite_soft_matching", "get_patch", "hookimpl", "load", "merge_weighted", "parse_r", "plugins",
+    "bipartite_soft_matching", "get_patch", "hookimpl", "load", "merge_weighted", "models", "parse_r", "plugins",
     "reduce", "reducers", "remove", "save", "trace", "unmerge",
 ]

@@ -7,6 +7,7 @@ drift on a noisy machine hits all of them alike; each figure is a median over ro
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,10 @@ from torch import nn
 
 import tmcore
 
-__all__ = ["Setting", "BenchRow", "vit_macs", "compare", "reduction_share"]
+__all__ = [
+    "Setting", "BenchRow", "vit_macs", "variants", "compare", "reduction_share", "peak_memory_mb", "fidelity",
+    "write_csv", "plot",
+]
 
 
 @dataclass(frozen=True)
@@ -26,47 +30,81 @@ class Setting:
 
     reducer: str | None
     config: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    """A reducer file written by `tmcore.save` (config plus learned state, e.g. LTMP thresholds)."""
+
+    @classmethod
+    def from_file(cls, path: str) -> "Setting":
+        """The setting saved in ``path`` by `tmcore.save`."""
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "reducer" not in meta or "config" not in meta:
+            raise tmcore.InvalidConfigError(f"{path}: not a tmcore reducer file (no reducer / config metadata)")
+        return cls(meta["reducer"], json.loads(meta["config"]), str(path))
 
     @property
     def label(self) -> str:
+        """``none``, ``tome r=8`` or, for a saved file, ``ltmp fmnist-vit-ltmp75.safetensors``."""
         if self.reducer is None:
             return "none"
-        return f"{self.reducer}(" + ", ".join(f"{k}={v!r}" for k, v in self.config.items()) + ")"
+        if self.path is not None:
+            return f"{self.reducer} {os.path.basename(self.path)}"
+        return " ".join([self.reducer, *(f"{k}={v}" for k, v in self.config.items())])
 
 
 @dataclass
 class BenchRow:
     reducer: str
     config: dict[str, Any]
+    label: str
     images_per_s: float
     speedup: float
     gmacs: float
     flop_ratio: float
-    token_counts: list[int]
-    tokens_out: int
+    token_counts: list[float]
+    tokens_out: float
     ms_per_batch: float
+    peak_mem_mb: float | None = None
+    single_images_per_s: float | None = None
+    """Throughput on the same images fed one at a time (``compare(..., one_at_a_time=True)``)."""
+    top1: float | None = None
+    agreement: float | None = None
+    cosine: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def vit_macs(token_counts: Sequence[int], dim: int, mlp_ratio: float = 4.0) -> float:
+def vit_macs(token_counts: Sequence[Any], dim: int, mlp_ratio: float = 4.0) -> Any:
     """Multiply-accumulates of the transformer blocks of a ViT, from traced token counts.
 
     ``token_counts[l]`` tokens enter block ``l`` (attention runs on them) and
     ``token_counts[l + 1]`` leave it (the MLP runs on those, after the reduction):
     ``4 n C^2`` (qkv + proj) ``+ 2 n^2 C`` (QK^T and AV) ``+ 2 mlp_ratio n' C^2`` (MLP).
+    Counts may be ``[B]`` tensors (adaptive reducers): the result is then per sample.
     """
     total = 0.0
     for n, n_mid in zip(token_counts[:-1], token_counts[1:]):
-        total += 4 * n * dim**2 + 2 * n * n * dim + 2 * mlp_ratio * n_mid * dim**2
+        total = total + 4 * n * dim**2 + 2 * n * n * dim + 2 * mlp_ratio * n_mid * dim**2
     return total
 
 
-def _counts(model: nn.Module, x: torch.Tensor) -> list[int]:
+def _counts(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Tokens entering each block, then leaving the last, per sample of ``x``: ``L + 1`` x ``[B]``."""
     with tmcore.trace(model) as t, torch.inference_mode():
-        model(x[:1])
-    return [int(c) if isinstance(c, int) else int(c.float().mean()) for c in t.token_counts]
+        model(x)
+    b = x.shape[0]
+    return [torch.full((b,), float(c)) if isinstance(c, int) else c.detach().double().cpu() for c in t.token_counts]
+
+
+def _mean(count: torch.Tensor) -> float:
+    """A mean token count, an exact int where every sample has the same count."""
+    value = float(count.double().mean())
+    return int(value) if bool((count == count[0]).all()) else round(value, 1)
 
 
 def _unreduced_tokens(model: nn.Module) -> int:
@@ -82,60 +120,78 @@ def _block_dims(model: nn.Module) -> tuple[int, float]:
     return dim, hidden / dim
 
 
+def variants(model: nn.Module, settings: Sequence[Setting]) -> list[tuple[Setting, nn.Module]]:
+    """The unreduced ``model`` and, per setting, a patched deep copy of it (same weights)."""
+    out: list[tuple[Setting, nn.Module]] = [(Setting(None), model)]
+    for s in settings:
+        clone = copy.deepcopy(model)
+        out.append((s, tmcore.load(clone, s.path) if s.path else tmcore.apply(clone, s.reducer, **s.config)))
+    return out
+
+
 def compare(
-    model: nn.Module,
-    settings: Sequence[Setting],
+    models: Sequence[tuple[Setting, nn.Module]],
     inputs: torch.Tensor,
     *,
     rounds: int = 10,
     warmup: int = 2,
     autocast_dtype: torch.dtype | None = None,
+    one_at_a_time: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[BenchRow]:
-    """Measure the unreduced ``model`` and every setting side by side on ``inputs``.
+    """Measure every model of ``models`` (from `variants`) (the unreduced one first) side by side on ``inputs``.
 
-    Each setting runs on its own deep copy of ``model`` (same weights). Returns one row per
-    setting, the unreduced model first.
+    With ``one_at_a_time``, every round also feeds the same images one by one (batch size 1, as
+    research code with per-image token counts runs), giving ``single_images_per_s``.
+
+    Returns one row per variant; ratios are against the first.
     """
-    variants: list[tuple[Setting, nn.Module]] = [(Setting(None), model)]
-    for s in settings:
-        m = tmcore.apply(copy.deepcopy(model), s.reducer, **s.config)
-        variants.append((s, m))
+    model = models[0][1]
     device_type = inputs.device.type
+    singles = list(inputs.split(1))
 
-    def run(m: nn.Module) -> float:
+    def run(m: nn.Module, batches: list[torch.Tensor]) -> float:
         with torch.inference_mode(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if device_type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            m(inputs)
+            for batch in batches:
+                m(batch)
             if device_type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - start
 
+    modes = [[inputs], singles] if one_at_a_time else [[inputs]]
     for _ in range(warmup):
-        for _, m in variants:
-            run(m)
-    times: list[list[float]] = [[] for _ in variants]
-    total = rounds * len(variants)
+        for _, m in models:
+            for batches in modes:
+                run(m, batches)
+    times: list[list[list[float]]] = [[[] for _ in models] for _ in modes]
+    total = rounds * len(models)
     for i in range(rounds):
-        for j, (_, m) in enumerate(variants):
-            times[j].append(run(m))
+        for j, (_, m) in enumerate(models):
+            for k, batches in enumerate(modes):
+                times[k][j].append(run(m, batches))
             if progress:
-                progress(i * len(variants) + j + 1, total)
+                progress(i * len(models) + j + 1, total)
 
     dim, mlp_ratio = _block_dims(model)
-    reduced_counts = [_counts(m, inputs) for _, m in variants[1:]]
-    n0 = reduced_counts[0][0] if reduced_counts else _unreduced_tokens(model)
-    all_counts = [[n0] * (len(model.blocks) + 1), *reduced_counts]
+    reduced_counts = [_counts(m, inputs) for _, m in models[1:]]
+    n0 = int(reduced_counts[0][0][0]) if reduced_counts else _unreduced_tokens(model)
+    all_counts = [[torch.full((inputs.shape[0],), float(n0))] * (len(model.blocks) + 1), *reduced_counts]
     rows: list[BenchRow] = []
-    for (s, m), ts, counts in zip(variants, times, all_counts):
-        med = statistics.median(ts)
-        macs = vit_macs(counts, dim, mlp_ratio)
+    for j, ((s, m), per_sample) in enumerate(zip(models, all_counts)):
+        med = statistics.median(times[0][j])
+        single = inputs.shape[0] / statistics.median(times[1][j]) if one_at_a_time else None
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            peak = peak_memory_mb(m, inputs)
+        macs = float(vit_macs(per_sample, dim, mlp_ratio).mean())  # adaptive reducers: mean over the batch
+        counts = [_mean(c) for c in per_sample]
         rows.append(
             BenchRow(
                 reducer=s.reducer or "none",
                 config=dict(s.config),
+                label=s.label,
                 images_per_s=inputs.shape[0] / med,
                 speedup=0.0,
                 gmacs=macs / 1e9,
@@ -143,6 +199,8 @@ def compare(
                 token_counts=counts,
                 tokens_out=counts[-1],
                 ms_per_batch=med * 1e3,
+                peak_mem_mb=peak,
+                single_images_per_s=single,
             )
         )
     base = rows[0]
@@ -150,6 +208,111 @@ def compare(
         row.speedup = row.images_per_s / base.images_per_s
         row.flop_ratio = base.gmacs / row.gmacs
     return rows
+
+
+def peak_memory_mb(model: nn.Module, inputs: torch.Tensor) -> float:
+    """Peak memory of one inference forward above what was allocated before it, in MiB.
+
+    CUDA: the allocator's peak. CPU: the running sum of the profiler's allocation events.
+    """
+    with torch.inference_mode():
+        if inputs.device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            model(inputs)
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        from torch.profiler import ProfilerActivity, profile
+
+        os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # keep the profiler's start/stop lines off the terminal
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(inputs)
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def fidelity(
+    models: Sequence[nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    batch_size: int = 100,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[dict[str, float]]:
+    """Accuracy cost of each model: ``top1`` against ``labels`` when given, else ``agreement``
+    (same argmax) and ``cosine`` (mean cosine of outputs) with ``models[0]``, the unreduced one."""
+    outputs = []
+    device_type = images.device.type
+    with torch.inference_mode(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for m in models:
+            outputs.append(torch.cat([m(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]))
+    if labels is not None:
+        return [{"top1": (o.argmax(-1) == labels).float().mean().item()} for o in outputs]
+    ref = outputs[0]
+    return [
+        {
+            "agreement": (o.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "cosine": torch.nn.functional.cosine_similarity(o, ref, dim=-1).mean().item(),
+        }
+        for o in outputs
+    ]
+
+
+_COLUMNS = ("reducer", "config", "label", "images_per_s", "speedup", "gmacs", "flop_ratio", "tokens_out", "peak_mem_mb",
+            "top1", "agreement", "cosine", "ms_per_batch", "single_images_per_s")
+
+
+def write_csv(rows: Sequence[BenchRow], path: str) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(_COLUMNS)
+        for r in rows:
+            d = r.as_dict()
+            w.writerow([json_config(d[c]) if c == "config" else d[c] for c in _COLUMNS])
+
+
+def json_config(config: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(config, default=list)
+
+
+def plot(rows: Sequence[BenchRow], path: str, title: str = "") -> None:
+    """Accuracy (or agreement) against throughput: one line per reducer, the unreduced model as a point."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise tmcore.TmcoreError("--plot needs matplotlib: pip install 'tmcore[cli]'") from exc
+    metric = "top1" if rows[0].top1 is not None else "agreement"
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    base = rows[0]
+    ax.scatter([base.images_per_s], [100 * getattr(base, metric)], color="black", zorder=3, label="unreduced")
+    by_reducer: dict[str, list[BenchRow]] = {}
+    for r in rows[1:]:
+        by_reducer.setdefault(r.reducer, []).append(r)
+    for name, rs in by_reducer.items():
+        rs = sorted(rs, key=lambda r: r.images_per_s)
+        ax.plot([r.images_per_s for r in rs], [100 * getattr(r, metric) for r in rs], marker="o", label=name)
+        for r in rs:
+            ax.annotate(r.label.removeprefix(name).strip(), (r.images_per_s, 100 * getattr(r, metric)),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("images / s")
+    ax.set_ylabel("top-1 (%)" if metric == "top1" else "agreement with unreduced (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def reduction_share(model: nn.Module, inputs: torch.Tensor, runs: int = 5) -> float:

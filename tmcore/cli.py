@@ -1,4 +1,4 @@
-"""The ``tmcore`` command: ``plugins`` and ``bench`` (``eval`` and ``visualize`` come next)."""
+"""The ``tmcore`` command: ``bench``, ``eval``, ``visualize`` and ``plugins``."""
 
 from __future__ import annotations
 
@@ -6,17 +6,21 @@ import argparse
 import ast
 import json
 import sys
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from tmcore.errors import TmcoreError
 
-__all__ = ["main", "parse_reducer_spec"]
+__all__ = ["main", "parse_reducer_spec", "load_model"]
+
+DEFAULT_MODEL = "fmnist-vit"
 
 
 class CliError(TmcoreError):
     """A bad command-line argument."""
 
 
+# -- arguments ---------------------------------------------------------------------------------
 def _split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside brackets, so ``r=(16,-1),8`` gives ``["r=(16,-1)", "8"]``."""
     parts, depth, cur = [], 0, ""
@@ -57,19 +61,103 @@ def parse_reducer_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     return [(name, s) for s in settings]
 
 
-def _load_model(spec: str, pretrained: bool) -> Any:
-    kind, _, name = spec.partition(":")
-    if kind != "timm" or not name:
-        raise CliError(f"--model {spec!r}: expected timm:NAME, e.g. timm:deit_small_patch16_224")
+def _settings(specs: Sequence[str] | None, files: Sequence[str] = ()) -> list[Any]:
+    """Reducer settings from ``--reducer`` and ``--load`` (default: every installed reducer's
+    example configs), validated against the registry before anything heavy is loaded."""
+    import tmcore
+    from tmcore.bench import Setting
+    from tmcore.reducer import validate_config
+    from tmcore.registry import registry
+
+    for path in files:
+        if not Path(path).is_file():
+            raise CliError(f"--load {path!r}: no such file (expected a reducer file written by tmcore.save)")
+    loaded = [Setting.from_file(path) for path in files]
+    if specs:
+        settings = [Setting(name, cfg) for spec in specs for name, cfg in parse_reducer_spec(spec)]
+    elif loaded:
+        settings = []
+    else:
+        settings = [Setting(r.name, dict(c)) for r in tmcore.reducers() for c in r.obj.example_configs]
+    settings += loaded
+    for s in settings:
+        validate_config(registry.get_reducer(s.reducer).obj, s.config)
+    return settings
+
+
+def load_model(spec: str, pretrained: bool = False, checkpoint: str | None = None) -> Any:
+    """A bundled model name, ``timm:NAME`` (``--checkpoint`` for local weights), or a local
+    transformers directory."""
+    import torch
+
+    from tmcore import models
+
+    if spec in models.available():
+        return models.load(spec)
+    kind, sep, name = spec.partition(":")
+    if sep and kind == "timm" and name:
+        try:
+            import timm
+        except ImportError as exc:
+            raise CliError("--model timm:...: timm is not installed (pip install 'tmcore[timm]')") from exc
+        if not timm.is_model(name):
+            raise CliError(f"--model {spec!r}: timm has no model {name!r} (see timm.list_models())")
+        kwargs = {"pretrained_cfg_overlay": {"file": checkpoint}} if checkpoint else {}
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # random-init weights: the same model in every run
+            return timm.create_model(name, pretrained=pretrained or bool(checkpoint), **kwargs).eval()
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").exists():
+        try:
+            from transformers import AutoModel
+        except ImportError as exc:
+            raise CliError(f"--model {spec!r}: a transformers directory needs transformers installed") from exc
+        return AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    raise CliError(
+        f"--model {spec!r}: expected a bundled model ({', '.join(models.available())}), timm:NAME, "
+        f"or a local transformers model directory"
+    )
+
+
+def _progress(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A progress bar (rich when installed) as ``(update(done, total), close())``."""
     try:
-        import timm
-    except ImportError as exc:
-        raise CliError("--model timm:...: timm is not installed (pip install 'tmcore[timm]')") from exc
-    if not timm.is_model(name):
-        raise CliError(f"--model {spec!r}: timm has no model {name!r} (see timm.list_models())")
-    return timm.create_model(name, pretrained=pretrained).eval()
+        from rich.progress import Progress
+    except ImportError:
+        def update(done: int, total: int) -> None:
+            print(f"\r{label} {done}/{total}", end="", file=sys.stderr, flush=True)
+
+        return update, lambda: print(file=sys.stderr)
+    bar = Progress(transient=True)
+    bar.start()
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return update, bar.stop
 
 
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        print(title)
+        print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+        for r in rows:
+            print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+        return
+    table = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(160, Console().width)).print(table)
+
+
+# -- commands ----------------------------------------------------------------------------------
 def _cmd_plugins(args: argparse.Namespace) -> int:
     import tmcore
 
@@ -78,16 +166,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps([vars(p) for p in infos], indent=2))
         return 0
     if not infos:
-        print("no tmcore plugins installed (pip install tm-tome tm-timm)")
-    for p in infos:
-        line = f"{p.distribution} {p.version}"
-        if p.reducers:
-            line += f"  reducers: {', '.join(p.reducers)}"
-        if p.adapters:
-            line += f"  adapters: {', '.join(p.adapters)}"
-        if p.error:
-            line += f"  FAILED TO LOAD: {p.error}"
-        print(line)
+        print("no tmcore plugins installed (pip install tm-tome 'tmcore[timm]')")
+        return 0
+    rows = [[p.distribution, p.version, ", ".join(p.reducers) or "-", ", ".join(p.adapters) or "-",
+             p.error or "ok"] for p in infos]
+    _print_table("installed tmcore plugins", ["distribution", "version", "reducers", "adapters", "status"], rows)
     return 0
 
 
@@ -95,76 +178,205 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     import tmcore
-    from tmcore.bench import Setting, compare, reduction_share
+    from tmcore import models
+    from tmcore.bench import compare, fidelity, plot, reduction_share, variants, write_csv
+    from tmcore.registry import registry
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = args.reducer or [
-        f"{r.name}:" + ";".join(f"{k}={v!r}" for k, v in cfg.items())
-        for r in tmcore.reducers()
-        for cfg in r.obj.example_configs[:1]
-    ]
-    settings = [Setting(name, cfg) for spec in specs for name, cfg in parse_reducer_spec(spec)]
-    for s in settings:  # fail fast on names and configs, before loading anything heavy
-        tmcore.registry.registry.get_reducer(s.reducer)
+    settings = _settings(args.reducer, args.load or ())
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = _load_model(args.model, args.pretrained).to(args.device)
-    size = model.patch_embed.img_size
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, *size, generator=gen).to(args.device)
+    model = load_model(args.model, args.pretrained, args.checkpoint).to(args.device)
+    registry.find_adapter(model)  # no adapter: a clear error before any input is built
+    labels = None
+    if args.model in models.available():
+        images, labels = models.load_samples(args.model)
+        data = models.preprocess(images, model).to(args.device)
+        labels = labels.to(args.device)
+        inputs = data[: args.batch_size]
+    else:
+        size = model.patch_embed.img_size
+        chans = model.patch_embed.proj.in_channels
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn(args.batch_size, chans, *size, generator=gen).to(args.device)
+        data = inputs
+    patched = variants(model, settings)
+    update, close = _progress("measuring")
+    rows = compare(patched, inputs, rounds=args.rounds, warmup=args.warmup, autocast_dtype=dtype,
+                   one_at_a_time=args.one_at_a_time, progress=update)
+    close()
+    for row, fid in zip(rows, fidelity([m for _, m in patched], data, labels, autocast_dtype=dtype)):
+        for key, value in fid.items():
+            setattr(row, key, value)
 
-    def progress(done: int, total: int) -> None:
-        print(f"\r  measuring {done}/{total}", end="", file=sys.stderr, flush=True)
-
-    rows = compare(model, settings, images, rounds=args.rounds, warmup=args.warmup, autocast_dtype=dtype, progress=progress)
-    print(file=sys.stderr)
-    weights = "pretrained" if args.pretrained else "random-init"
-    print(f"{args.model} ({weights}), batch {args.batch_size}, {args.device}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
-    header = f"{'reducer':<28} {'images/s':>9} {'speed-up':>9} {'GMACs':>7} {'FLOP ratio':>10} {'tokens out':>10}"
-    print(header)
-    print("-" * len(header))
-    for row, setting in zip(rows, [Setting(None), *settings]):
-        print(f"{setting.label:<28} {row.images_per_s:>9.1f} {row.speedup:>8.2f}x {row.gmacs:>7.2f} "
-              f"{row.flop_ratio:>9.2f}x {row.tokens_out:>10}")
+    weights = "bundled" if args.model in models.available() else ("pretrained" if args.pretrained else "random-init")
+    title = (f"{args.model} ({weights}), batch {args.batch_size}, {args.device}, {args.dtype}, "
+             f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    fid_cols = ["top-1"] if labels is not None else ["agreement", "cosine"]
+    table = []
+    for row in rows:
+        fid_vals = ([f"{100 * row.top1:.2f}%"] if labels is not None
+                    else [f"{100 * row.agreement:.1f}%", f"{row.cosine:.4f}"])
+        single = ([f"{row.single_images_per_s:.1f}", f"{row.images_per_s / row.single_images_per_s:.2f}x"]
+                  if args.one_at_a_time else [])
+        table.append([row.label, f"{row.images_per_s:.1f}", f"{row.speedup:.2f}x", f"{row.gmacs:.2f}",
+                      f"{row.flop_ratio:.2f}x", str(row.tokens_out), f"{row.peak_mem_mb:.0f}", *fid_vals, *single])
+    single_cols = ["images/s 1-by-1", "batch gain"] if args.one_at_a_time else []
+    _print_table(title, ["reducer", "images/s", "speed-up", "GMACs", "FLOP ratio", "tokens out", "peak MiB",
+                         *fid_cols, *single_cols], table)
     if args.show_counts:
-        for row, setting in zip(rows[1:], settings):
-            print(f"tokens entering each block, then out, {setting.label}: {' '.join(map(str, row.token_counts))}")
+        for row in rows[1:]:
+            print(f"tokens per block, {row.label}: {' '.join(map(str, row.token_counts))}")
     if args.reduction_share:
-        for setting in settings:
-            m = tmcore.apply(model, setting.reducer, replace=True, **setting.config)
-            share = reduction_share(m, images)
-            print(f"share of forward time in tmcore's score/match/reduce, {setting.label}: {100 * share:.1f}%")
+        for s in settings:
+            patched_model = tmcore.load(model, s.path) if s.path else tmcore.apply(model, s.reducer, replace=True, **s.config)
+            share = reduction_share(patched_model, inputs)
+            print(f"share of forward time in tmcore's score/match/reduce, {s.label}: {100 * share:.1f}%")
         tmcore.remove(model)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.as_dict() for r in rows], f, indent=2)
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=2, default=list))
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.plot:
+        plot(rows, args.plot, title)
+        print(f"plot written to {args.plot}")
     return 0
+
+
+def _one_setting(spec: str | None) -> tuple[str, dict[str, Any]] | None:
+    if spec is None:
+        return None
+    settings = parse_reducer_spec(spec)
+    if len(settings) != 1:
+        raise CliError(f"--reducer {spec!r}: give one setting here (one value per key)")
+    return settings[0]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import tmcore
+    from tmcore import models
+    from tmcore.evaluate import bundled_dataset, image_folder, init_distributed, top1
+
+    setting = _one_setting(args.reducer)
+    if setting:
+        _settings([args.reducer])
+    rank, world, device = init_distributed(args.device)
+    model = load_model(args.model, args.pretrained, args.checkpoint).to(device)
+    if setting:
+        tmcore.apply(model, setting[0], **setting[1])
+    if args.data:
+        data = image_folder(args.data, model)
+    elif args.model in models.available():
+        data = bundled_dataset(model, args.model)
+    else:
+        raise CliError(f"--data is required for {args.model!r} (only bundled models carry labelled images)")
+    update, close = _progress("evaluating") if rank == 0 else (None, lambda: None)
+    result = top1(model, data, batch_size=args.batch_size, device=device, workers=args.workers, progress=update)
+    close()
+    if rank == 0:
+        what = f"{setting[0]} {setting[1]}" if setting else "unreduced"
+        print(f"{args.model} ({what}): top-1 {100 * result['top1']:.2f}% ({result['correct']}/{result['total']}), "
+              f"{world} process{'es' if world > 1 else ''}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({**result, "model": args.model, "reducer": setting, "world_size": world}))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    import torch
+
+    import tmcore
+    from tmcore.evaluate import image_transform
+    from tmcore.visualize import group_map, render_groups
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise CliError(f"IMAGE {args.image!r}: no such file")
+    setting = _one_setting(args.reducer)
+    _settings([args.reducer])
+    model = load_model(args.model, args.pretrained, args.checkpoint).to(args.device)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CliError(f"IMAGE {args.image!r}: not a readable image ({exc})") from None
+    tmcore.apply(model, setting[0], **setting[1])
+    transform = image_transform(model)
+    x = transform(image).unsqueeze(0).to(args.device)
+    with torch.inference_mode(), tmcore.trace(model) as t:
+        model(x)
+    p = tmcore.get_patch(model).runtime.info.num_protected
+    groups = group_map(t.source[0].cpu(), p, model.patch_embed.grid_size)
+    scale = args.scale or max(1, 448 // max(model.patch_embed.grid_size))
+    pixels = transform.crop(image.convert("RGB")) if args.style == "mean" else None
+    render_groups(groups, scale, pixels).save(args.out)
+    n_groups = int(groups.max()) + 1
+    tokens_out = int(torch.as_tensor(t.token_counts[-1]).max())  # one image: ragged counts are [1]
+    print(f"{args.out}: {n_groups} groups over {groups.numel()} patches ({tokens_out} tokens out incl. {p} protected)")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="bundled model name, timm:NAME, or a local transformers directory (default: %(default)s)")
+    p.add_argument("--pretrained", action="store_true", help="timm: download pretrained weights (needs the hub)")
+    p.add_argument("--checkpoint", metavar="PATH", help="timm: load weights from a local file")
+    p.add_argument("--device", default="cpu")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmcore", description="Token reduction for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plugins", help="list installed plugin distributions and what they register")
+    p = sub.add_parser("plugins", help="installed plugin distributions, what each registers, load errors")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_plugins)
 
-    b = sub.add_parser("bench", help="reduced vs unreduced throughput, side by side in one run")
-    b.add_argument("--model", default="timm:deit_small_patch16_224", help="timm:NAME (default: %(default)s)")
-    b.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs the model hub)")
+    b = sub.add_parser("bench", help="reduced vs unreduced: throughput, FLOPs, tokens, memory, accuracy, side by side")
+    _add_model_args(b)
     b.add_argument("--reducer", action="append", metavar="SPEC",
-                   help="NAME[:KEY=V1,V2[;KEY=V]], repeatable; default: every installed reducer")
+                   help="NAME[:KEY=V1,V2[;KEY=V]] (repeatable); default: every installed reducer's example settings")
+    b.add_argument("--load", action="append", metavar="FILE",
+                   help="a reducer file written by tmcore.save (config + learned state, e.g. LTMP thresholds); repeatable")
     b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     b.add_argument("--rounds", type=int, default=10, help="timed interleaved rounds (median)")
     b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+    b.add_argument("--one-at-a-time", action="store_true",
+                   help="also time the same images fed one by one (batch size 1) and report the batching gain")
     b.add_argument("--show-counts", action="store_true", help="print tokens per block for each setting")
-    b.add_argument("--reduction-share", action="store_true", help="measure the time share of the reduction step")
+    b.add_argument("--reduction-share", action="store_true", help="time share of the score/match/reduce step")
     b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    b.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    b.add_argument("--plot", metavar="PNG", help="accuracy (or agreement) against throughput")
     b.set_defaults(func=_cmd_bench)
+
+    e = sub.add_parser("eval", help="top-1 on a labelled image folder or the bundled images (torchrun-aware)")
+    _add_model_args(e)
+    e.add_argument("--data", metavar="DIR", help="ImageFolder root (DIR/<class>/<image>); default: bundled images")
+    e.add_argument("--reducer", metavar="SPEC", help="apply one reducer setting, e.g. tome:r=13")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    e.add_argument("--json", metavar="PATH", help="write the result as JSON (rank 0)")
+    e.set_defaults(func=_cmd_eval)
+
+    v = sub.add_parser("visualize", help="PNG of the merged groups over the input: one colour per output token")
+    v.add_argument("image", metavar="IMAGE")
+    _add_model_args(v)
+    v.add_argument("--reducer", default="tome:r=13", metavar="SPEC", help="one setting (default: %(default)s)")
+    v.add_argument("--out", default="groups.png", help="output PNG (default: %(default)s)")
+    v.add_argument("--scale", type=int, default=0, help="pixels per patch (default: about 448 px wide)")
+    v.add_argument("--style", default="flat", choices=["flat", "mean"],
+                   help="flat: one distinct colour per group; mean: each group in its mean input colour, "
+                        "outlined (the ToMe paper's figures) (default: %(default)s)")
+    v.set_defaults(func=_cmd_visualize)
     return parser
 
 

@@ -1,11 +1,43 @@
-"""``make demo``: ToMe r=13 on a random-init DeiT-S, token counts and side-by-side speed-up."""
+"""``make demo``: ``tmcore bench`` on the bundled Fashion-MNIST ViT with every installed reducer,
+the table on screen and the accuracy / throughput plot in ``bench.png``.
+
+ToMe and PiToMe run at settings that span their useful range on this model, LTMP with the
+thresholds fitted to it (``tmcore.models.reducer_file``); any other installed reducer at its
+``example_configs``.
+"""
+
+from __future__ import annotations
 
 import sys
 
+import tmcore
+from tmcore import models
 from tmcore.cli import main
 
+MODEL = "fmnist-vit"
+SETTINGS = {"tome": ["tome:r=8,12,16"], "pitome": ["pitome:ratio=0.95,0.9"]}
+
+
+def _spec(name: str, config: dict) -> str:
+    return name + ":" + ";".join(f"{k}={v!r}" for k, v in config.items()) if config else name
+
+
+def bench_args() -> list[str]:
+    """The ``tmcore bench`` arguments of the demo, from what is installed."""
+    args = ["bench", "--model", MODEL, "--batch-size", "32", "--rounds", "6", "--show-counts", "--plot", "bench.png"]
+    for reg in sorted(tmcore.reducers(), key=lambda r: r.name):
+        learned = models.reducer_file(MODEL, reg.name)
+        if reg.name in SETTINGS:
+            specs = SETTINGS[reg.name]
+        elif learned is not None:
+            args += ["--load", learned]
+            continue
+        else:
+            specs = [_spec(reg.name, dict(c)) for c in reg.obj.example_configs]
+        for spec in specs:
+            args += ["--reducer", spec]
+    return args
+
+
 if __name__ == "__main__":
-    sys.exit(
-        main(["bench", "--model", "timm:deit_small_patch16_224", "--reducer", "tome:r=13", "--batch-size", "32",
-              "--rounds", "5", "--show-counts", "--reduction-share"])
-    )
+    sys.exit(main([*bench_args(), *sys.argv[1:]]))

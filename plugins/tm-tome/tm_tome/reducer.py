@@ -35,7 +35,7 @@ class ToMe(BaseReducer):
     requires = frozenset({"keys"})
     description = "ToMe: bipartite soft matching on keys, size-weighted merging (Bolya et al., ICLR 2023)"
     identity_config = {"r": 0}
-    example_configs = ({"r": 4}, {"r": 8})
+    example_configs = ({"r": 4}, {"r": 8}, {"r": 12})
 
     config: ToMeConfig
 

@@ -1,0 +1,142 @@
+"""The tmcore command: argument parsing, every subcommand's help and errors, bench rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tmcore.bench import Setting, compare, variants, vit_macs
+from tmcore.cli import CliError, main, parse_reducer_spec
+
+pytest.importorskip("timm")
+
+
+def test_reducer_spec_expands_value_lists():
+    assert parse_reducer_spec("tome:r=4,8,12") == [("tome", {"r": 4}), ("tome", {"r": 8}), ("tome", {"r": 12})]
+    assert parse_reducer_spec("tome:r=(16,-1);prop_attn=False") == [("tome", {"r": (16, -1), "prop_attn": False})]
+    assert parse_reducer_spec("tome:r=[1,2],3") == [("tome", {"r": [1, 2]}), ("tome", {"r": 3})]
+    assert parse_reducer_spec("pitome:ratio=0.9,0.95") == [("pitome", {"ratio": 0.9}), ("pitome", {"ratio": 0.95})]
+    assert parse_reducer_spec("tome") == [("tome", {})]
+    for bad in ("", "to me:r=1", "tome:r", "tome:=3", "tome:r="):
+        with pytest.raises(CliError, match="--reducer"):
+            parse_reducer_spec(bad)
+
+
+@pytest.mark.parametrize("command", [[], ["plugins"], ["bench"], ["eval"], ["visualize"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: tmcore" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--model", "timm:not_a_model"], "timm has no model 'not_a_model'"),
+        (["bench", "--model", "nonsense"], "expected a bundled model (fmnist-vit), timm:NAME"),
+        (["bench", "--model", "timm:test_vit", "--reducer", "tome:r"], "'r' is not KEY=VALUE"),
+        (["bench", "--model", "timm:test_vit", "--reducer", "tome:r=-2"], "r=-2: must be an int >= 0"),
+        (["bench", "--model", "timm:test_vit", "--reducer", "tomecis:r=8"], "pip install tm-tomecis"),
+        (["eval", "--model", "timm:nope"], "timm has no model 'nope'"),
+        (["eval", "--model", "timm:test_vit"], "--data is required"),
+        (["eval", "--model", "timm:test_vit", "--data", "/no/such/dir"], "not a directory"),
+        (["eval", "--reducer", "tome:r=1,2"], "give one setting"),
+        (["bench", "--model", "timm:resnet18", "--reducer", "tome:r=4"], "no installed adapter handles a model of class"),
+        (["eval", "--reducer", "tome:r"], "'r' is not KEY=VALUE"),
+        (["eval", "--reducer", "nosuch:r=1"], "unknown reducer 'nosuch'"),
+        (["visualize", "/no/such/image.png"], "IMAGE '/no/such/image.png': no such file"),
+        (["visualize", "README.md", "--reducer", "tome:r"], "'r' is not KEY=VALUE"),
+        (["visualize", "README.md", "--reducer", "tome:r=(1"], "r='(1': must be an int"),
+        (["visualize", "README.md", "--model", "timm:nope"], "timm has no model 'nope'"),
+    ],
+)
+def test_bad_arguments_fail_with_a_clear_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tmcore {argv[0]}: error:") and message in err, err
+
+
+def test_visualize_rejects_a_file_that_is_not_an_image(tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["visualize", str(bad), "--model", "timm:test_vit"]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+
+
+def test_plugins_json(capsys):
+    assert main(["plugins", "--json"]) == 0
+    rows = {p["distribution"]: p for p in json.loads(capsys.readouterr().out)}
+    assert rows["tm-tome"]["reducers"] == ["tome"] and rows["tm-timm"]["adapters"] == ["timm"]
+
+
+def test_flop_ratio_of_tome_r13_on_deit_small_by_hand():
+    counts = [197 - 13 * i for i in range(13)]
+    base = 12 * (4 * 197 * 384**2 + 2 * 197**2 * 384 + 8 * 197 * 384**2)
+    reduced = sum(4 * n * 384**2 + 2 * n * n * 384 + 8 * m * 384**2 for n, m in zip(counts, counts[1:]))
+    assert vit_macs([197] * 13, 384) == base
+    assert vit_macs(counts, 384) == reduced
+    assert round(base / reduced, 2) == 1.72
+
+
+def test_compare_rows_are_consistent():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit").eval()
+    x = torch.randn(4, 3, 160, 160)
+    rows = compare(variants(model, [Setting("tome", {"r": 4}), Setting("tome", {"r": 8})]), x, rounds=2, warmup=1,
+                   one_at_a_time=True)
+    assert [r.reducer for r in rows] == ["none", "tome", "tome"]
+    assert rows[0].speedup == 1.0 and rows[0].flop_ratio == 1.0 and rows[0].tokens_out == 101
+    assert [r.tokens_out for r in rows[1:]] == [101 - 6 * 4, 101 - 6 * 8]
+    for r in rows:
+        assert r.images_per_s > 0 and r.speedup > 0 and r.peak_mem_mb > 0 and r.single_images_per_s > 0
+        assert r.speedup == pytest.approx(r.images_per_s / rows[0].images_per_s)
+        assert r.flop_ratio == pytest.approx(rows[0].gmacs / r.gmacs)
+    assert rows[1].flop_ratio < rows[2].flop_ratio
+    assert tmcore_unpatched(model)
+
+
+def tmcore_unpatched(model):
+    import tmcore
+
+    return tmcore.get_patch(model) is None
+
+
+def test_bench_command_writes_json_csv_and_plot(tmp_path, capsys):
+    argv = ["bench", "--model", "timm:test_vit", "--reducer", "tome:r=4,8", "--batch-size", "4", "--rounds", "2",
+            "--warmup", "1", "--json", str(tmp_path / "rows.json"), "--csv", str(tmp_path / "rows.csv"),
+            "--plot", str(tmp_path / "plot.png"), "--one-at-a-time"]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["reducer"], r["config"]) for r in rows] == [("none", {}), ("tome", {"r": 4}), ("tome", {"r": 8})]
+    for r in rows:
+        assert {"images_per_s", "speedup", "flop_ratio", "tokens_out", "agreement", "cosine"} <= r.keys()
+        assert 0 <= r["agreement"] <= 1
+    assert rows[0]["agreement"] == 1.0
+    assert (tmp_path / "rows.csv").read_text().count("\n") == 4
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(r["single_images_per_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "tome r=8" in out and "batch gain" in out
+
+
+def test_bench_loads_a_saved_reducer_file(tmp_path, capsys):
+    import timm
+
+    import tmcore
+
+    saved = tmp_path / "tome-r6.safetensors"
+    tmcore.save(tmcore.apply(timm.create_model("test_vit"), "tome", r=6), saved)
+    argv = ["bench", "--model", "timm:test_vit", "--load", str(saved), "--batch-size", "2", "--rounds", "1",
+            "--warmup", "0", "--json", str(tmp_path / "rows.json")]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["reducer"], r["config"], r["tokens_out"]) for r in rows] == [("none", {}, 101), ("tome", {"r": 6, "prop_attn": None}, 101 - 36)]
+    assert "tome tome-r6.safetensors" in capsys.readouterr().out
+    assert main(["bench", "--model", "timm:test_vit", "--load", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--load" in err and "no such file" in err
