@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import tmcore
 from tmcore.testing import matching_cases
+from tmcore.testing.reference import merge_wavg, vit_forward
 
 
 def reference_bsm(metric, r, class_token, distill_token):
@@ -48,34 +49,16 @@ def reference_bsm(metric, r, class_token, distill_token):
     return merge
 
 
-def reference_merge_wavg(merge, x, size):
-    if size is None:
-        size = torch.ones_like(x[..., 0, None])
-    x = merge(x * size, mode="sum")
-    size = merge(size, mode="sum")
-    return x / size, size
-
-
 def reference_tome_forward(model, images, r_list, prop_attn=True):
     """The original timm patch's forward on a timm ViT / DeiT (no LayerScale, no QK-norm)."""
     distilled = getattr(model, "dist_token", None) is not None
-    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
-    size = None
-    for blk, r in zip(model.blocks, r_list):
-        attn = blk.attn
-        y = blk.norm1(x)
-        b, n, c = y.shape
-        q, k, v = attn.qkv(y).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if prop_attn and size is not None:
-            logits = logits + size.log()[:, None, None, :, 0]
-        y = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
-        x = x + attn.proj(y)
-        if r > 0:
-            merge = reference_bsm(k.mean(1), r, class_token=True, distill_token=distilled)
-            x, size = reference_merge_wavg(merge, x, size)
-        x = x + blk.mlp(blk.norm2(x))
-    return model.forward_head(model.norm(x))
+
+    def reduce(layer, x, size, k):
+        if r_list[layer] == 0:
+            return x, size
+        return merge_wavg(reference_bsm(k.mean(1), r_list[layer], True, distilled), x, size)
+
+    return model.forward_head(vit_forward(model, images, reduce, prop_attn)[0])
 
 
 @settings(max_examples=150, deadline=None)
@@ -87,7 +70,7 @@ def test_matching_equals_reference(case, distill):
     class_token, distill_token = p >= 1, p == 2
     plan = tmcore.bipartite_soft_matching(case.metric, case.r, p) if case.r else None
     ref = reference_bsm(case.metric, case.r, class_token, distill_token)
-    ref_x, ref_size = reference_merge_wavg(ref, case.x, case.size)
+    ref_x, ref_size = merge_wavg(ref, case.x, case.size)
     if plan is None:
         return
     x, size = tmcore.merge_weighted(case.x, plan, case.size)
