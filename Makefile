@@ -7,7 +7,7 @@ DISTS := . $(wildcard plugins/*) $(wildcard adapters/*)
 STAMP := $(VENV)/.tmcore-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean train-fmnist
+.PHONY: demo test install clean train-fmnist fit-ltmp-fmnist
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ train-fmnist: $(STAMP)
 	$(PY) scripts/train_fmnist_vit.py --out build/fmnist2 --epochs 4 --lr 5e-4 --warmup-steps 100 --seed 1 --bf16 \
 		--init build/fmnist/model.safetensors
 	$(PY) scripts/export_fmnist.py --run build/fmnist --run build/fmnist2
+
+# Re-learn the bundled model's LTMP thresholds (reduction target 0.75, half an epoch, about 28 min
+# on 2 cores; see plugins/tm-ltmp/README.md).
+fit-ltmp-fmnist: $(STAMP)
+	test -d $(FMNIST_DIR) || apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist
+	$(PY) scripts/fit_ltmp_fmnist.py --target 0.75 --fraction 0.5 --out tmcore/models/fmnist-vit-ltmp75.safetensors
 
 clean:
 	rm -rf $(VENV)

@@ -19,8 +19,8 @@ from torch import nn
 import tmcore
 
 __all__ = [
-    "Setting", "BenchRow", "vit_macs", "variants", "compare", "reduction_share", "peak_memory_mb", "fidelity",
-    "write_csv", "plot",
+    "Setting", "BenchRow", "vit_macs", "sample_counts", "top1_and_flop_ratio", "variants", "compare",
+    "reduction_share", "peak_memory_mb", "fidelity", "write_csv", "plot",
 ]
 
 
@@ -93,12 +93,34 @@ def vit_macs(token_counts: Sequence[Any], dim: int, mlp_ratio: float = 4.0) -> A
     return total
 
 
+def sample_counts(token_counts: Sequence[int | torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """A trace's ``token_counts`` (ints, or ``[B]`` tensors for adaptive reducers) as ``[B]``
+    float64 CPU tensors, one per entry, for `vit_macs`."""
+    return [torch.full((batch,), float(c)) if isinstance(c, int) else c.detach().double().cpu() for c in token_counts]
+
+
 def _counts(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Tokens entering each block, then leaving the last, per sample of ``x``: ``L + 1`` x ``[B]``."""
     with tmcore.trace(model) as t, torch.inference_mode():
         model(x)
-    b = x.shape[0]
-    return [torch.full((b,), float(c)) if isinstance(c, int) else c.detach().double().cpu() for c in t.token_counts]
+    return sample_counts(t.token_counts, x.shape[0])
+
+
+def top1_and_flop_ratio(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250
+) -> tuple[float, float]:
+    """Top-1 of a (reduced) ViT on preprocessed ``images`` ``[N, ...]`` with ``labels`` ``[N]``,
+    and its mean per-image FLOP ratio to the unreduced model (analytic, from traced counts)."""
+    dim, mlp_ratio = _block_dims(model)
+    correct, macs = 0, []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            with tmcore.trace(model) as t:
+                out = model(images[i : i + batch_size])
+            correct += int((out.argmax(-1) == labels[i : i + batch_size]).sum())
+            macs.append(vit_macs(sample_counts(t.token_counts, len(out)), dim, mlp_ratio))
+    dense = vit_macs([_unreduced_tokens(model)] * (len(model.blocks) + 1), dim, mlp_ratio)
+    return correct / len(images), float(torch.cat(macs).mean() / dense)
 
 
 def _mean(count: torch.Tensor) -> float:

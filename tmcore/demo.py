@@ -2,7 +2,7 @@
 the table on screen and the accuracy / throughput plot in ``bench.png``.
 
 ToMe and PiToMe run at settings that span their useful range on this model, LTMP with the
-thresholds fitted to it (``tmcore.models.reducer_file``); any other installed reducer at its
+thresholds fitted to it (``tmcore.models.reducer_files``); any other installed reducer at its
 ``example_configs``.
 """
 
@@ -15,7 +15,7 @@ from tmcore import models
 from tmcore.cli import main
 
 MODEL = "fmnist-vit"
-SETTINGS = {"tome": ["tome:r=8,12,16"], "pitome": ["pitome:ratio=0.95,0.9"]}
+SETTINGS = {"tome": ["tome:r=8,12,15"], "pitome": ["pitome:ratio=0.95,0.9"]}
 
 
 def _spec(name: str, config: dict) -> str:
@@ -26,11 +26,12 @@ def bench_args() -> list[str]:
     """The ``tmcore bench`` arguments of the demo, from what is installed."""
     args = ["bench", "--model", MODEL, "--batch-size", "32", "--rounds", "6", "--show-counts", "--plot", "bench.png"]
     for reg in sorted(tmcore.reducers(), key=lambda r: r.name):
-        learned = models.reducer_file(MODEL, reg.name)
+        learned = models.reducer_files(MODEL, reg.name)
         if reg.name in SETTINGS:
             specs = SETTINGS[reg.name]
-        elif learned is not None:
-            args += ["--load", learned]
+        elif learned:
+            for path in learned:
+                args += ["--load", path]
             continue
         else:
             specs = [_spec(reg.name, dict(c)) for c in reg.obj.example_configs]

@@ -19,7 +19,7 @@ from tmcore.errors import TmcoreError
 
 __all__ = [
     "FMNIST_ARCH", "FMNIST_MEAN", "FMNIST_STD", "UnknownModelError",
-    "available", "build_fmnist_vit", "card", "load", "load_samples", "preprocess", "reducer_file",
+    "available", "build_fmnist_vit", "card", "load", "load_samples", "preprocess", "reducer_files",
 ]
 
 FMNIST_ARCH: dict[str, Any] = dict(
@@ -34,7 +34,7 @@ _BUNDLED: dict[str, dict[str, Any]] = {
         "weights": "fmnist-vit.safetensors",
         "samples": "fmnist-test-2000.safetensors.gz",
         # learned reducer state for this model (tmcore.save files); see the model card
-        "reducers": {"ltmp": "fmnist-vit-ltmp75.safetensors"},
+        "reducers": {"ltmp": ["fmnist-vit-ltmp75.safetensors"]},
     },
 }
 
@@ -99,11 +99,11 @@ def load(name: str = "fmnist-vit") -> nn.Module:
     return model.eval()
 
 
-def reducer_file(name: str, reducer: str) -> str | None:
-    """Path of the `tmcore.save` file with ``reducer``'s learned state for the bundled model
-    ``name`` (e.g. LTMP thresholds fitted to it), or ``None``: ``tmcore.load(model, path)``."""
-    filename = _files(name).get("reducers", {}).get(reducer)
-    return None if filename is None else str(_path(filename))
+def reducer_files(name: str, reducer: str) -> list[str]:
+    """Paths of the `tmcore.save` files with ``reducer``'s learned state for the bundled model
+    ``name`` (e.g. LTMP thresholds fitted to it); empty if none:
+    ``tmcore.load(model, path)``."""
+    return [str(_path(filename)) for filename in _files(name).get("reducers", {}).get(reducer, [])]
 
 
 def load_samples(name: str = "fmnist-vit") -> tuple[torch.Tensor, torch.Tensor]:

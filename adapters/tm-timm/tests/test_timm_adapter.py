@@ -246,7 +246,7 @@ def test_layer_inputs_match_an_explicit_attention(monkeypatch):
 def test_soft_mask_attention_composes_the_attention_submodules(monkeypatch):
     """Training mode with a reducer that has ``soft_step``: attention runs as the masked
     softmax of tmcore.state (mask multiplies each key's weight), the probabilities reach the
-    reducer, the mask gets gradients, pooling ignores masked tokens; eval mode stays fused."""
+    reducer, the mask gets gradients, pooling ignores masked tokens."""
     from tmcore import BaseReducer
     from tmcore.registry import Registration, registry
     from tmcore.state import masked_softmax
@@ -299,4 +299,20 @@ def test_soft_mask_attention_composes_the_attention_submodules(monkeypatch):
     model.eval()
     with torch.no_grad():
         model(x)
-    assert len(fused_calls) == 4 and len(seen) == steps  # eval: no soft_step, fused attention
+    # eval: no soft_step; the reducer reads 'attn', so attention stays explicit (computed once)
+    assert not fused_calls and len(seen) == steps
+
+
+@pytest.mark.parametrize("reducer, config, fused", [("tome", {"r": 4}, True), ("ltmp", {}, False)])
+def test_fused_attention_unless_the_reducer_reads_the_probabilities(reducer, config, fused):
+    """SDPA stays in use; a reducer that requires the full attention ('attn', LTMP) gets it from
+    one explicit attention instead of the fused one plus a recomputation."""
+    if reducer not in {r.name for r in tmcore.reducers()}:
+        pytest.skip(f"{reducer} not installed")
+    model = tmcore.apply(tiny_timm_models()["vit"](), reducer, **config).eval()
+    calls = []
+    for blk in model.blocks:
+        blk.attn.register_forward_hook(lambda m, a, out: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    assert len(calls) == (len(model.blocks) if fused else 0)

@@ -8,17 +8,19 @@ reduction between the two lines, feeds ``log(size)`` through ``attn_mask``, and 
 v with forward hooks on ``attn.q_norm`` / ``attn.k_norm`` / ``attn.qkv`` (exactly what the
 attention used). No timm forward code is copied; `tmcore.remove` restores every module.
 
-Soft-mask training (reducers with ``soft_step``, e.g. LTMP in ``train()``): the keep-mask must
-enter the softmax itself, which no public argument allows, so `_masked_attention` composes the
-Attention's public submodules around `TokenState.attn_probs` and hands the probabilities to
-the reducer. Without a soft mask the fused path above runs unchanged.
+Two kinds of forward need the attention probabilities themselves, which the fused path never
+materialises: soft-mask training (reducers with ``soft_step``, e.g. LTMP in ``train()``: the
+keep-mask must enter the softmax, which no public argument allows) and reducers that read the
+full attention (``requires`` ``attn``, e.g. LTMP's importance). For those, `_explicit_attention`
+composes the Attention's public submodules around the softmax once and hands the probabilities to
+the reducer. Every other forward runs the fused path above unchanged.
 """
 
 from __future__ import annotations
 
 import sys
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -40,10 +42,18 @@ def _attn_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _masked_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: TokenState, runtime: Runtime) -> Tensor:
-    """timm ``Attention`` under a soft keep-mask, composed from its public submodules: the
-    softmax is `TokenState.attn_probs` (the mask multiplies each key's weight, so gradients reach
-    it). q / k pass through ``q_norm`` / ``k_norm`` (their capture hooks fire as usual); the
+def _softmax(logits: Tensor) -> Tensor:
+    return logits.softmax(dim=-1)
+
+
+def _explicit_attention(
+    attn: nn.Module, x: Tensor, bias: Tensor | None, softmax: Callable[[Tensor], Tensor], runtime: Runtime
+) -> Tensor:
+    """timm ``Attention`` with its probabilities computed explicitly, composed from the module's
+    public submodules, for the forwards that need them: a soft keep-mask must enter the softmax
+    (``softmax`` is `TokenState.attn_probs`; gradients reach the mask), or the reducer reads the
+    full attention (LTMP's importance), which is then computed once instead of fused + again.
+    q / k pass through ``q_norm`` / ``k_norm`` (their capture hooks fire as usual); the
     probabilities, after ``attn_drop`` as the attention uses them, are captured as ``attn``."""
     b, n, _ = x.shape
     gate = getattr(attn, "gate", None)
@@ -52,8 +62,8 @@ def _masked_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: To
     q, k = attn.q_norm(q), attn.k_norm(k)
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if bias is not None:
-        logits = logits + bias
-    probs = attn.attn_drop(state.attn_probs(logits))
+        logits += bias  # in place: a [B, H, N, N] allocation less (the matmul's backward needs q, k only)
+    probs = attn.attn_drop(softmax(logits))
     runtime.capture("attn", probs)
     y = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)
     y = attn.norm(y)
@@ -66,11 +76,13 @@ def _block_forward(
     block: nn.Module,
     runtime: Runtime,
     layer: int,
+    explicit: bool,
     x: Tensor,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
 ) -> Tensor:
-    """timm ``Block.forward`` with the token reduction between attention and MLP."""
+    """timm ``Block.forward`` with the token reduction between attention and MLP; ``explicit``:
+    the reducer reads the full attention probabilities (see `_explicit_attention`)."""
     if attn_mask is not None or is_causal:
         raise TmcoreError(
             "a tmcore-patched timm block got attn_mask / is_causal from the caller; token reduction "
@@ -78,10 +90,12 @@ def _block_forward(
         )
     state = runtime.enter(layer, x, block.training)
     bias = state.attn_bias(_attn_dtype(x))
-    if state.mask is None:
-        y = block.attn(block.norm1(x), attn_mask=bias)
+    if state.mask is not None:
+        y = _explicit_attention(block.attn, block.norm1(x), bias, state.attn_probs, runtime)
+    elif explicit:
+        y = _explicit_attention(block.attn, block.norm1(x), bias, _softmax, runtime)
     else:
-        y = _masked_attention(block.attn, block.norm1(x), bias, state, runtime)
+        y = block.attn(block.norm1(x), attn_mask=bias)
     x = x + block.drop_path1(block.ls1(y))
     x = runtime.step(layer, x, state, bias, block.attn.scale)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
@@ -179,7 +193,7 @@ class TimmViT(Adapter):
         runtime = patch.runtime
         needs = patch.reducer.requires
         for i, blk in enumerate(model.blocks):
-            patch.set_attr(blk, "forward", partial(_block_forward, blk, runtime, i))
+            patch.set_attr(blk, "forward", partial(_block_forward, blk, runtime, i, "attn" in needs))
             attn = blk.attn
             if needs & {"keys", "cls_attn", "attn"}:
                 patch.add_hook(attn.k_norm.register_forward_hook(partial(_capture, runtime, "k")))

@@ -1,0 +1,248 @@
+"""`fit`: LTMP's short fine-tuning run of the thresholds alone (ALGORITHMS.md 4.6)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import tmcore
+from tmcore import InvalidConfigError, NotAppliedError
+from tm_ltmp.loss import flops_penalty, flops_ratio
+from tm_ltmp.reducer import LTMP
+
+__all__ = ["fit", "FitHistory", "thresholds", "get_reducer"]
+
+
+def get_reducer(model: nn.Module) -> LTMP:
+    """The `LTMP` reducer ``tmcore.apply(model, "ltmp", ...)`` installed on ``model``."""
+    patch = tmcore.get_patch(model)
+    if patch is None or not isinstance(patch.reducer, LTMP):
+        found = "no reducer" if patch is None else f"reducer {patch.reducer.name!r}"
+        raise NotAppliedError(f"this model carries {found}; call tmcore.apply(model, 'ltmp', ...) first")
+    return patch.reducer
+
+
+def thresholds(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The learned thresholds of an LTMP-patched model: ``{"merge": [L], "prune": [L]}``
+    ``nn.Parameter``s, e.g. for your own optimiser (they are not in ``model.parameters()``)."""
+    reducer = get_reducer(model)
+    return {"merge": reducer.merge_threshold, "prune": reducer.prune_threshold}
+
+
+@dataclass
+class FitHistory:
+    """What `fit` did, one entry per optimiser step (skipped batches excluded).
+
+    Attributes:
+        loss, cls_loss, flops_ratio: the total loss, its cross-entropy part and the FLOPs ratio
+            of each step's forward (before the step).
+        lr: ``(prune lr, merge lr)`` used by each step.
+        skipped: batches skipped because the loss was not finite.
+        merge_threshold, prune_threshold: ``[L]`` thresholds after training (CPU copies).
+    """
+
+    loss: list[float] = field(default_factory=list)
+    cls_loss: list[float] = field(default_factory=list)
+    flops_ratio: list[float] = field(default_factory=list)
+    lr: list[tuple[float, float]] = field(default_factory=list)
+    skipped: int = 0
+    merge_threshold: Tensor | None = None
+    prune_threshold: Tensor | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss)
+
+
+class _Progress:
+    """A rich progress bar on stderr when rich is installed and stderr is a terminal, else a
+    plain line every ``every`` steps (logs of long runs show progress as it happens)."""
+
+    def __init__(self, total: int | None, enabled: bool, every: int) -> None:
+        self.enabled, self.every, self.bar = enabled, max(every, 1), None
+        self.total = total
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        except ImportError:
+            return
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self.bar = Progress(
+            TextColumn("ltmp fit"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.description}"), transient=False, console=console,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("", total=total)
+
+    def update(self, step: int, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description=text)
+        elif step % self.every == 0 or step == self.total:
+            of = f"/{self.total}" if self.total else ""
+            print(f"ltmp fit step {step}{of}: {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _lrs(lr: float | Sequence[float]) -> tuple[float, float]:
+    values = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
+    if len(values) not in (1, 2) or not all(v > 0 and math.isfinite(v) for v in values):
+        raise InvalidConfigError(
+            f"fit: lr={lr!r}: expected one positive float (both thresholds) or two (prune lr, merge lr)"
+        )
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def fit(
+    model: nn.Module,
+    loader: Iterable[Any],
+    reduction_target: float | None = None,
+    epochs: int = 1,
+    lr: float | Sequence[float] = (5e-6, 5e-3),
+    *,
+    momentum: float = 0.0,
+    reg_scale: float = 10.0,
+    cls_scale: float = 1.0,
+    label_smoothing: float = 0.1,
+    schedule: Literal["epoch", "step"] = "epoch",
+    max_steps: int | None = None,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    log_every: int = 50,
+) -> FitHistory:
+    """Train the thresholds of an LTMP-patched model; the backbone stays frozen and unchanged.
+
+    Runs the model in training mode (soft masks), minimising
+    ``cls_scale * CE + reg_scale * (flops_ratio - reduction_target)^2`` with SGD on the
+    thresholds only, clamping them to ``[0, 1]`` after every step (when ``reg_scale > 0``) and
+    skipping batches whose loss is not finite, as the original ``train.py`` does. The model's
+    training flag and its parameters' ``requires_grad`` are restored afterwards.
+
+    Args:
+        model: a model patched with ``tmcore.apply(model, "ltmp", ...)``.
+        loader: yields ``(images, targets)``; targets are class indices or probabilities.
+        reduction_target: FLOPs ratio to reach, in ``(0, 1]``; default: the config's.
+        epochs: passes over ``loader``.
+        lr: one value for both thresholds, or ``(prune lr, merge lr)`` (the original's README:
+            ``5e-6 5e-3``).
+        momentum: SGD momentum; the original's ``--opt momentum`` runs with its ``--momentum``
+            default of 0.
+        schedule: cosine annealing per ``epoch`` (the original's timm scheduler: constant
+            during a 1-epoch run) or per ``step`` (needs ``len(loader)`` or ``max_steps``).
+        max_steps: stop after this many optimiser steps.
+        device: where the batches go; default: the model's parameters' device.
+        amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
+        progress: show a progress bar (rich on a terminal, else a line every ``log_every`` steps).
+
+    Returns:
+        `FitHistory` with the per-step loss and FLOPs ratio.
+
+    Raises:
+        NotAppliedError: the model carries no LTMP reducer.
+        InvalidConfigError: a bad ``reduction_target``, ``epochs``, ``lr`` or ``schedule``.
+    """
+    reducer = get_reducer(model)
+    target = reducer.config.reduction_target if reduction_target is None else float(reduction_target)
+    if not 0 < target <= 1:
+        raise InvalidConfigError(f"fit: reduction_target={reduction_target!r}: must be in (0, 1]")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise InvalidConfigError(f"fit: epochs={epochs!r}: must be an int >= 1")
+    if schedule not in ("epoch", "step"):
+        raise InvalidConfigError(f"fit: schedule={schedule!r}: allowed 'epoch' or 'step'")
+    prune_lr, merge_lr = _lrs(lr)
+    info = tmcore.get_patch(model).runtime.info
+    if info.dim <= 0:
+        raise InvalidConfigError(f"fit: the {info.family!r} adapter does not report the embedding width (ModelInfo.dim)")
+    params = list(model.parameters())
+    if device is None:
+        device = params[0].device if params else torch.device("cpu")
+    device = torch.device(device)
+
+    try:
+        per_epoch: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = None
+    total = per_epoch * epochs if per_epoch is not None else None
+    if max_steps is not None:
+        total = max_steps if total is None else min(total, max_steps)
+    if schedule == "step" and total is None:
+        raise InvalidConfigError("fit: schedule='step' needs a loader with len() or max_steps")
+
+    merge_p, prune_p = reducer.merge_threshold, reducer.prune_threshold
+    reducer.to(device)  # before the optimiser creates its state
+    optimizer = torch.optim.SGD(
+        [{"params": [prune_p], "lr": prune_lr}, {"params": [merge_p], "lr": merge_lr}], momentum=momentum
+    )
+    base_lrs = (prune_lr, merge_lr)
+    history = FitHistory()
+    was_training = model.training
+    flags = [p.requires_grad for p in params]
+    bar = _Progress(total, progress, log_every)
+    step = 0
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        merge_p.requires_grad_(True)
+        prune_p.requires_grad_(True)
+        model.train()
+        for epoch in range(epochs):
+            for batch in loader:
+                if max_steps is not None and step >= max_steps:
+                    break
+                phase = epoch / epochs if schedule == "epoch" else step / total  # type: ignore[operator]
+                factor = 0.5 * (1 + math.cos(math.pi * phase))
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
+                images, labels = batch[0].to(device), batch[1].to(device)
+                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+                with autocast, tmcore.trace(model) as trace:
+                    logits = model(images)
+                if isinstance(logits, (tuple, list)):
+                    logits = logits[0]
+                if not trace.masks:
+                    raise RuntimeError("the forward ran without soft masks; is the model's adapter calling Runtime.enter(training=...)?")
+                ratio = flops_ratio(trace.masks, trace.masks[0].shape[1], info.dim)
+                ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+                total_loss = cls_scale * ce + reg_scale * flops_penalty(ratio, target)  # = tm_ltmp.loss
+                optimizer.zero_grad(set_to_none=True)
+                value = float(total_loss.detach())  # the original skips NaN losses (one sync per step)
+                if not math.isfinite(value):
+                    history.skipped += 1
+                    continue
+                total_loss.backward()
+                optimizer.step()
+                if reg_scale > 0:
+                    with torch.no_grad():
+                        merge_p.clamp_(0, 1)
+                        prune_p.clamp_(0, 1)
+                step += 1
+                history.loss.append(value)
+                history.cls_loss.append(float(ce.detach()))
+                history.flops_ratio.append(float(ratio.detach()))
+                history.lr.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"]))
+                bar.update(step, f"loss {value:.4f}  flops {history.flops_ratio[-1]:.3f} -> {target:.3f}")
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    history.merge_threshold = merge_p.detach().cpu().clone()
+    history.prune_threshold = prune_p.detach().cpu().clone()
+    return history

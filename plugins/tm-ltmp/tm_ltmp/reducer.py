@@ -1,0 +1,294 @@
+"""LTMP (ALGORITHMS.md section 4): learned merge and prune thresholds per block.
+
+Training mode (``model.train()``) is `LTMP.soft_step`: nothing is removed; straight-through
+threshold masks switch tokens off in a keep-mask that the adapter applies inside attention
+(4.4). Inference (``model.eval()``) is `LTMP.score` / `LTMP.match`: tokens are removed, each
+image keeping its own count, as a ragged batch padded to the largest count (4.5). Thresholds
+are ``nn.Parameter``s on the reducer, saved by ``tmcore.save``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
+from tmcore.plan import merge_weighted, pack, reduce
+from tm_ltmp.masks import best_match, concat_order, importance, output_order, threshold_mask
+
+__all__ = ["LTMP", "LTMPConfig", "DEFAULT_THRESHOLDS"]
+
+Mode = Literal["merge_prune", "prune_merge", "merge", "prune"]
+
+MergeValue = Annotated[float, Field(ge=-1.0, le=2.0)]
+PruneValue = Annotated[float, Field(ge=-1.0, le=2.0)]
+
+DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "merge_prune": (0.9, 0.0),  # the original: merge at 1.0 would only ever learn pruning
+    "prune_merge": (1.0, 0.0),
+    "merge": (1.0, 0.0),
+    "prune": (1.0, 0.0),
+}
+"""Initial ``(merge, prune)`` thresholds per mode, as in the original training models (4.3)."""
+
+
+class LTMPConfig(ReducerConfig):
+    mode: Mode = Field(
+        default="merge_prune",
+        description=(
+            "merge_prune (the paper's: merge then prune), prune_merge (prune on this block's importance, "
+            "then merge), merge (merging only), prune (pruning only, no proportional attention)"
+        ),
+    )
+    tau: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=10.0,
+        description="temperature of the straight-through sigmoid masks, 0 < tau <= 10 (training only)",
+    )
+    merge_threshold: MergeValue | list[MergeValue] | None = Field(
+        default=None,
+        description=(
+            "initial merge threshold(s): cosine similarity above which a token merges, one float for "
+            "every block or a per-block list, each in [-1, 2] (> 1 disables merging); default per mode "
+            "(0.9 for merge_prune, else 1.0)"
+        ),
+    )
+    prune_threshold: PruneValue | list[PruneValue] | None = Field(
+        default=None,
+        description=(
+            "initial prune threshold(s): mean attention received at or below which a token is pruned, "
+            "one float or a per-block list, each in [-1, 2] (< 0 disables pruning); default 0"
+        ),
+    )
+    reduction_target: float = Field(
+        default=0.75,
+        gt=0.0,
+        le=1.0,
+        description="FLOPs ratio that tm_ltmp.fit trains the thresholds towards, 0 < target <= 1",
+    )
+
+
+class LTMP(BaseReducer):
+    """Learned Thresholds token Merging and Pruning (Bonnaerens & Dambre, TMLR 2023).
+
+    After each block's attention, an even-position token merges into its most similar
+    odd-position token when their key cosine similarity exceeds the block's merge threshold;
+    then tokens whose importance (attention received) is at or below the prune threshold are
+    pruned (order and variants: ``mode``). Thresholds are learned with `tm_ltmp.fit`.
+    """
+
+    name: ClassVar[str] = "ltmp"
+    config_model = LTMPConfig
+    requires = frozenset({"keys", "attn"})
+    description = "LTMP: learned-threshold merging and pruning, adaptive per image (Bonnaerens & Dambre, TMLR 2023)"
+    merge_only = False
+    identity_config = {"merge_threshold": 2.0, "prune_threshold": -1.0}
+    # Thresholds are model-specific (learn them with tm_ltmp.fit); these reduce both the tiny
+    # random-init test models and trained ViTs (prune thresholds well below 1 / tokens).
+    example_configs = (
+        {"merge_threshold": 0.7, "prune_threshold": 0.004},
+        {"mode": "prune_merge", "merge_threshold": 0.6, "prune_threshold": 0.004},
+        {"mode": "merge", "merge_threshold": 0.8},
+    )
+
+    config: LTMPConfig
+    merge_threshold: nn.Parameter
+    prune_threshold: nn.Parameter
+
+    def setup(self) -> None:
+        cfg, layers = self.config, self.info.num_layers
+        self.prop_attn = cfg.mode != "prune"
+        # The original pools the class token; when the head pools the other tokens (or there
+        # is no protected token), one of them must survive every block.
+        self.keep_top = self.info.pool != "token" or self.info.num_protected == 0
+        merge0, prune0 = DEFAULT_THRESHOLDS[cfg.mode]
+        self.merge_threshold = nn.Parameter(self._per_block("merge_threshold", cfg.merge_threshold, merge0, layers))
+        self.prune_threshold = nn.Parameter(self._per_block("prune_threshold", cfg.prune_threshold, prune0, layers))
+
+    @staticmethod
+    def _per_block(field: str, value: float | list[float] | None, default: float, layers: int) -> Tensor:
+        if value is None:
+            value = default
+        if isinstance(value, list):
+            if len(value) != layers:
+                raise InvalidConfigError(
+                    f"invalid config for reducer 'ltmp': {field} has {len(value)} values ({value!r}), but the "
+                    f"model has {layers} blocks; give one float for every block or a list of {layers}"
+                )
+            return torch.tensor(value, dtype=torch.float32)
+        return torch.full((layers,), float(value), dtype=torch.float32)
+
+    # -- learned state -------------------------------------------------------------------------
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """``[merge_threshold, prune_threshold]``, each ``[L]``, for an optimiser."""
+        return [self.merge_threshold, self.prune_threshold]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {"merge_threshold": self.merge_threshold.detach(), "prune_threshold": self.prune_threshold.detach()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        expected = {"merge_threshold", "prune_threshold"}
+        if set(tensors) != expected:
+            raise InvalidConfigError(
+                f"ltmp thresholds file holds tensors {sorted(tensors)}; expected exactly {sorted(expected)}"
+            )
+        layers = self.info.num_layers
+        for name in sorted(expected):
+            value = tensors[name]
+            if value.shape != (layers,):
+                raise InvalidConfigError(
+                    f"ltmp {name} in the file has shape {tuple(value.shape)} (a model with "
+                    f"{value.shape[0] if value.dim() == 1 else '?'} blocks), but this model has {layers} "
+                    f"blocks: allowed shape ({layers},)"
+                )
+        with torch.no_grad():
+            for name in expected:
+                param = getattr(self, name)
+                param.copy_(tensors[name].to(param))
+
+    def to(self, device: torch.device | str) -> "LTMP":
+        """Move the thresholds to ``device`` in place: the same Parameter objects, so an
+        optimiser built on them keeps working (build it after the move: its state, e.g.
+        momentum, is created on the parameters' device at the first step)."""
+        for param in self.threshold_parameters():
+            if param.device != torch.device(device):
+                param.data = param.data.to(device)
+                if param.grad is not None:
+                    param.grad = param.grad.to(device)
+        return self
+
+    def _thresholds(self, layer: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This block's ``(merge, prune)`` thresholds; they follow the activations to their
+        device on first use (one copy, then none: no per-forward host transfer)."""
+        if self.merge_threshold.device != device:
+            self.to(device)
+        return self.merge_threshold[layer], self.prune_threshold[layer]
+
+    # -- training mode: soft masks (4.4) -------------------------------------------------------
+
+    def soft_step(self, layer: int, x: Tensor, inputs: LayerInputs, state: TokenState) -> Tensor:
+        """One block of the masked training model; updates ``state.mask`` / ``state.size``.
+
+        ``x`` ``[B, N, C]`` keeps all ``N`` slots; merged and pruned tokens are switched off in
+        the mask (straight-through, so the thresholds get gradients through the next blocks'
+        attention and the FLOPs loss). Merged features use the *detached* mask (4.4).
+        """
+        mode, tau, p = self.config.mode, self.config.tau, state.num_protected
+        theta_merge, theta_prune = self._thresholds(layer, x.device)
+        mask = state.mask
+        assert mask is not None
+        if mode != "merge":
+            imp = importance(inputs.attn, p, keep_top=self.keep_top)
+        if mode == "prune":
+            state.mask = torch.where(mask.bool(), threshold_mask(imp, theta_prune, tau), mask)
+            return x
+        if mode == "prune_merge":
+            mask = torch.where(mask.bool(), threshold_mask(imp, theta_prune, tau), mask)
+
+        b, n, c = x.shape
+        size = state.size if state.size is not None else x.new_ones(b, n, 1)
+        best, idx = best_match(inputs.keys, p, weight=mask.detach())
+        merge = threshold_mask(best, theta_merge, tau)  # [B, Na]
+        w = merge.detach().unsqueeze(-1)
+        mask_a, mask_b = mask[:, ::2], mask[:, 1::2]
+        keep_a = torch.where(mask_a.bool(), 1 - merge, mask_a)  # a dead token stays dead
+
+        xs = x * size
+        x_a, x_b = xs[:, ::2], xs[:, 1::2]
+        s_a, s_b = size[:, ::2], size[:, 1::2]
+        x_b = x_b.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, c), x_a * w.to(x_a.dtype))
+        s_b = s_b.scatter_add(1, idx.unsqueeze(-1), s_a * w.to(s_a.dtype))
+        size = torch.cat([s_a, s_b], dim=1)
+        x = torch.cat([x_a, x_b], dim=1) / size
+        mask = torch.cat([keep_a, mask_b], dim=1)
+
+        if mode == "merge_prune":
+            # A group is as important as its most important member (merged sources' scores
+            # enter through the detached mask; protected / unmerged sources contribute 0).
+            imp_a, imp_b = imp[:, ::2], imp[:, 1::2]
+            merged_imp = torch.where(w.squeeze(-1).bool(), imp_a, torch.zeros_like(imp_a))
+            imp_b = imp_b.scatter_reduce(1, idx, merged_imp, reduce="amax")
+            imp = torch.cat([imp_a, imp_b], dim=1)
+            mask = torch.where(mask.bool(), threshold_mask(imp, theta_prune, tau), mask)
+
+        order = concat_order(n, p, x.device)
+        if order is not None:
+            x, size, mask = x[:, order], size[:, order], mask[:, order]
+        state.size = size
+        state.mask = mask
+        return x
+
+    # -- inference: tokens removed, ragged batches (4.5) ---------------------------------------
+
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> tuple[Tensor | None, Tensor | None]:
+        """``(keys [B, N, d] or None, importance [B, N] or None)``: what this mode uses."""
+        mode = self.config.mode
+        keys = inputs.keys if mode != "prune" else None
+        imp = importance(inputs.attn, state.num_protected, state.valid, self.keep_top) if mode != "merge" else None
+        return keys, imp
+
+    def match(self, layer: int, scores: tuple[Tensor | None, Tensor | None], state: TokenState) -> Plan:
+        keys, imp = scores
+        mode, valid, p = self.config.mode, state.valid, state.num_protected
+        ref = keys if keys is not None else imp
+        assert ref is not None
+        theta_merge, theta_prune = self._thresholds(layer, ref.device)
+        b, n = ref.shape[:2]
+        if valid is None:
+            valid = torch.ones(b, n, dtype=torch.bool, device=ref.device)
+        if mode == "prune":
+            return pack(torch.arange(n, device=ref.device), valid & (imp > theta_prune), n)
+        if mode == "merge":
+            return self._merge_plan(keys, valid, None, theta_merge, theta_prune, p)
+        if mode == "merge_prune":
+            return self._merge_plan(keys, valid, imp, theta_merge, theta_prune, p)
+        # prune_merge: prune, pack the survivors, merge among them (parity of the packed order)
+        pruned = pack(torch.arange(n, device=ref.device), valid & (imp > theta_prune), n)
+        packed_keys = reduce(keys, pruned)
+        merged = self._merge_plan(packed_keys, pruned.valid, None, theta_merge, theta_prune, p)
+        return Plan(
+            keep=pruned.keep.gather(1, merged.keep),
+            src=pruned.keep.gather(1, merged.src),
+            src_dst=merged.src_dst,
+            num_in=n,
+            valid=merged.valid,
+        )
+
+    @staticmethod
+    def _merge_plan(
+        keys: Tensor, valid: Tensor, imp: Tensor | None, theta_merge: Tensor, theta_prune: Tensor, p: int
+    ) -> Plan:
+        """Merge A tokens above ``theta_merge`` into their best B token, then (with ``imp``)
+        prune groups whose importance (max over members) is at or below ``theta_prune``.
+
+        Args:
+            keys: ``[B, N, d]``; valid: ``[B, N]`` bool; imp: ``[B, N]`` or ``None`` (no pruning).
+        """
+        b, n, _ = keys.shape
+        best, idx = best_match(keys, p, valid=valid)
+        merged = best > theta_merge  # [B, Na]; protected / padding rows are -inf
+        keep_a, keep_b = valid[:, ::2] & ~merged, valid[:, 1::2]
+        if imp is not None:
+            imp_a, imp_b = imp[:, ::2], imp[:, 1::2]
+            if n > 1:
+                imp_b = imp_b.scatter_reduce(1, idx, imp_a.masked_fill(~merged, -math.inf), reduce="amax")
+            keep_a = keep_a & (imp_a > theta_prune)
+            keep_b = keep_b & (imp_b > theta_prune)
+        kept = torch.empty(b, n, dtype=torch.bool, device=keys.device)
+        kept[:, ::2], kept[:, 1::2] = keep_a, keep_b
+        order = output_order(n, p, keys.device)
+        position = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=keys.device))
+        src = torch.arange(0, n, 2, device=keys.device).expand(b, -1)
+        target = torch.where(merged, position[(2 * idx + 1).clamp(max=n - 1)], -1)
+        return pack(order, kept[:, order], n, src=src, src_target=target)
+
+    def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]:
+        if not self.prop_attn and state.size is None:  # prune only: no sizes to carry
+            return reduce(x, plan), None
+        return merge_weighted(x, plan, state.size)

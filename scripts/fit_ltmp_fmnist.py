@@ -1,0 +1,82 @@
+"""Learn LTMP thresholds for the bundled Fashion-MNIST ViT (needs tm-ltmp and the Debian package
+dataset-fashion-mnist) and save them as a tmcore reducer file.
+
+    python scripts/fit_ltmp_fmnist.py --target 0.75 --bf16 --out tmcore/models/fmnist-vit-ltmp75.safetensors
+
+Trains the thresholds alone for ``--fraction`` of one epoch of the 60,000 training images, then
+writes the reducer file and a JSON summary beside it (steps, time, FLOPs ratio and loss at the
+start and end, the thresholds, and the eval-mode top-1 and FLOP ratio on the bundled test sample).
+``tmcore bench --load FILE`` measures the result against the unreduced model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import tm_ltmp
+import tmcore
+from tmcore import models
+from tmcore.bench import top1_and_flop_ratio
+from tmcore.datasets import fashion_mnist
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=float, default=0.75, help="reduction_target (FLOPs ratio)")
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of one epoch of the 60k training images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, nargs="+", default=[5e-6, 5e-3], help="prune lr, merge lr")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the training forwards (thresholds stay fp32)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("build/fmnist-vit-ltmp.safetensors"))
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model = models.load("fmnist-vit")
+    tmcore.apply(model, "ltmp", reduction_target=args.target)
+    images, labels = fashion_mnist("train")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
+    steps = int(len(images) * args.fraction) // args.batch_size
+    batches = [order[i * args.batch_size : (i + 1) * args.batch_size] for i in range(steps)]
+    loader = [(models.preprocess(images[idx], model), labels[idx]) for idx in batches]
+
+    start = time.time()
+    history = tm_ltmp.fit(model, loader, epochs=1, lr=args.lr, amp_dtype=torch.bfloat16 if args.bf16 else None)
+    seconds = time.time() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmcore.save(model, args.out)
+
+    # the result at inference (tokens removed), fp32, on the bundled test sample
+    model.eval()
+    test_x, test_y = models.load_samples("fmnist-vit")
+    top1, ratio = top1_and_flop_ratio(model, models.preprocess(test_x, model), test_y)
+    tail = max(1, len(history.loss) // 10)
+    summary = {
+        "target": args.target,
+        "steps": history.steps,
+        "images": history.steps * args.batch_size,
+        "fraction_of_epoch": round(history.steps * args.batch_size / len(images), 3),
+        "bf16": args.bf16,
+        "seconds": round(seconds),
+        "flops_ratio_first": round(history.flops_ratio[0], 4),
+        "flops_ratio_last10pct": round(sum(history.flops_ratio[-tail:]) / tail, 4),
+        "loss_first": round(history.loss[0], 4),
+        "loss_last10pct": round(sum(history.loss[-tail:]) / tail, 4),
+        "skipped": history.skipped,
+        "merge_threshold": [round(v, 4) for v in history.merge_threshold.tolist()],
+        "prune_threshold": [round(v, 5) for v in history.prune_threshold.tolist()],
+        "eval_sample_top1": top1,
+        "eval_sample_flops_ratio": round(ratio, 4),
+    }
+    print(json.dumps(summary, indent=2))
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
