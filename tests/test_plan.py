@@ -86,7 +86,10 @@ def test_identical_tokens_merge_to_themselves(case):
     torch.testing.assert_close(merged, x[:, : plan.num_out], rtol=1e-12, atol=1e-12)
 
 
-@given(matching_cases(max_batch=4))
+# No duplicated tokens here: BLAS may round the similarity of two identical tokens differently
+# for a batch than for one sample (it picks kernels by shape), and then their tie breaks
+# differently. Ties themselves are covered per sample above.
+@given(matching_cases(max_batch=4, duplicates=False))
 def test_batched_equals_per_sample(case):
     plan = _plan(case)
     x, size = tmcore.merge_weighted(case.x, plan, case.size)

@@ -96,9 +96,12 @@ def reference_pitome_forward(model, images, ratio, mae=False, prop_attn=False):
     return model.forward_head(x)
 
 
+# No duplicated tokens here: the reference computes the energy with F.elu, tm-pitome with an
+# equivalent clamp / exp split; the two round differently in the last bit, which decides a tie
+# between identical tokens either way (ties are covered in test_merge.py).
 @settings(max_examples=80, deadline=None)
 @given(
-    case=matching_cases(max_tokens=30, max_protected=3),
+    case=matching_cases(max_tokens=30, max_protected=3, duplicates=False),
     ratio=st.floats(0.5, 0.99),
     margin=st.floats(-0.5, 0.95),
     alpha=st.sampled_from([1.0, 0.3]),
