@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError, TokenState
+from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError
 
 _SUPPORTED = (
     "timm VisionTransformer and subclasses built from timm.models.vision_transformer.Block with "
