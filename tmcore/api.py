@@ -138,19 +138,30 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
         InvalidConfigError: not a tmcore file, or its config / learned state does not fit this
             model (the model is then left as it was).
     """
+    name, config, tensors = read_saved(path)
+    # Build and load the learned state first: a file for another model (e.g. another number of
+    # blocks) raises before the model is touched.
+    patch = _build(model, name, config, replace=True)
+    patch.reducer.load_state_tensors(tensors)
+    _install(model, patch)
+    return model
+
+
+def read_saved(path: str | Path, tensors: bool = True) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(reducer name, config, learned-state tensors)`` of a file written by `save`; with
+    ``tensors=False`` the tensors are not read (``{}``).
+
+    Raises:
+        InvalidConfigError: not a tmcore reducer file.
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     if metadata.get("format") != _FORMAT:
         raise InvalidConfigError(f"{path}: not a tmcore reducer file (format {metadata.get('format')!r}, expected {_FORMAT!r})")
-    # Build and load the learned state first: a file for another model (e.g. another number of
-    # blocks) raises before the model is touched.
-    patch = _build(model, metadata["reducer"], json.loads(metadata["config"]), replace=True)
-    patch.reducer.load_state_tensors(tensors)
-    _install(model, patch)
-    return model
+    return metadata["reducer"], json.loads(metadata["config"]), state
 
 
 def reducers() -> list[Registration]:

@@ -36,15 +36,17 @@ class Setting:
     @classmethod
     def from_file(cls, path: str) -> "Setting":
         """The setting saved in ``path`` by `tmcore.save`."""
-        import json
+        from tmcore.api import read_saved
 
-        from safetensors import safe_open
+        name, config, _ = read_saved(path, tensors=False)
+        return cls(name, config, str(path))
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "reducer" not in meta or "config" not in meta:
-            raise tmcore.InvalidConfigError(f"{path}: not a tmcore reducer file (no reducer / config metadata)")
-        return cls(meta["reducer"], json.loads(meta["config"]), str(path))
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Patch ``model`` in place with this setting (replacing any reducer): `tmcore.load` for
+        a saved file, else `tmcore.apply`."""
+        if self.path is not None:
+            return tmcore.load(model, self.path)
+        return tmcore.apply(model, self.reducer, replace=True, **self.config)
 
     @property
     def label(self) -> str:
@@ -146,8 +148,7 @@ def variants(model: nn.Module, settings: Sequence[Setting]) -> list[tuple[Settin
     """The unreduced ``model`` and, per setting, a patched deep copy of it (same weights)."""
     out: list[tuple[Setting, nn.Module]] = [(Setting(None), model)]
     for s in settings:
-        clone = copy.deepcopy(model)
-        out.append((s, tmcore.load(clone, s.path) if s.path else tmcore.apply(clone, s.reducer, **s.config)))
+        out.append((s, s.apply(copy.deepcopy(model))))
     return out
 
 

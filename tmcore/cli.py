@@ -229,8 +229,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"tokens per block, {row.label}: {' '.join(map(str, row.token_counts))}")
     if args.reduction_share:
         for s in settings:
-            patched_model = tmcore.load(model, s.path) if s.path else tmcore.apply(model, s.reducer, replace=True, **s.config)
-            share = reduction_share(patched_model, inputs)
+            share = reduction_share(s.apply(model), inputs)
             print(f"share of forward time in tmcore's score/match/reduce, {s.label}: {100 * share:.1f}%")
         tmcore.remove(model)
     if args.json:
@@ -243,27 +242,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_setting(spec: str | None) -> tuple[str, dict[str, Any]] | None:
+def _one_setting(spec: str | None) -> Any:
+    """The one validated `Setting` of ``--reducer SPEC`` (``None`` without one)."""
     if spec is None:
         return None
-    settings = parse_reducer_spec(spec)
+    settings = _settings([spec])
     if len(settings) != 1:
         raise CliError(f"--reducer {spec!r}: give one setting here (one value per key)")
     return settings[0]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import tmcore
     from tmcore import models
     from tmcore.evaluate import bundled_dataset, image_folder, init_distributed, top1
 
     setting = _one_setting(args.reducer)
-    if setting:
-        _settings([args.reducer])
     rank, world, device = init_distributed(args.device)
     model = load_model(args.model, args.pretrained, args.checkpoint).to(device)
     if setting:
-        tmcore.apply(model, setting[0], **setting[1])
+        setting.apply(model)
     if args.data:
         data = image_folder(args.data, model)
     elif args.model in models.available():
@@ -274,11 +271,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = top1(model, data, batch_size=args.batch_size, device=device, workers=args.workers, progress=update)
     close()
     if rank == 0:
-        what = f"{setting[0]} {setting[1]}" if setting else "unreduced"
+        what = f"{setting.reducer} {setting.config}" if setting else "unreduced"
         print(f"{args.model} ({what}): top-1 {100 * result['top1']:.2f}% ({result['correct']}/{result['total']}), "
               f"{world} process{'es' if world > 1 else ''}")
         if args.json:
-            Path(args.json).write_text(json.dumps({**result, "model": args.model, "reducer": setting, "world_size": world}))
+            reducer = [setting.reducer, setting.config] if setting else None
+            summary = {**result, "model": args.model, "reducer": reducer, "world_size": world}
+            Path(args.json).write_text(json.dumps(summary))
     if world > 1:
         import torch.distributed as dist
 
@@ -297,7 +296,6 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CliError(f"IMAGE {args.image!r}: no such file")
     setting = _one_setting(args.reducer)
-    _settings([args.reducer])
     model = load_model(args.model, args.pretrained, args.checkpoint).to(args.device)
     from PIL import Image, UnidentifiedImageError
 
@@ -306,7 +304,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         image.load()
     except (UnidentifiedImageError, OSError) as exc:
         raise CliError(f"IMAGE {args.image!r}: not a readable image ({exc})") from None
-    tmcore.apply(model, setting[0], **setting[1])
+    setting.apply(model)
     transform = image_transform(model)
     x = transform(image).unsqueeze(0).to(args.device)
     with torch.inference_mode(), tmcore.trace(model) as t:

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tmcore
 from tmcore import InvalidConfigError, NotAppliedError
-from tm_ltmp.loss import flops_penalty, flops_ratio
+from tm_ltmp.loss import flops_ratio, loss_parts
 from tm_ltmp.reducer import LTMP
 
 __all__ = ["fit", "FitHistory", "thresholds", "get_reducer"]
@@ -218,8 +217,9 @@ def fit(
                 if not trace.masks:
                     raise RuntimeError("the forward ran without soft masks; is the model's adapter calling Runtime.enter(training=...)?")
                 ratio = flops_ratio(trace.masks, trace.masks[0].shape[1], info.dim)
-                ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-                total_loss = cls_scale * ce + reg_scale * flops_penalty(ratio, target)  # = tm_ltmp.loss
+                total_loss, ce = loss_parts(
+                    logits.float(), labels, ratio, target, reg_scale, cls_scale, label_smoothing
+                )
                 optimizer.zero_grad(set_to_none=True)
                 value = float(total_loss.detach())  # the original skips NaN losses (one sync per step)
                 if not math.isfinite(value):

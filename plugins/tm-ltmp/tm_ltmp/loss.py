@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["flops_ratio", "flops_penalty", "loss"]
+__all__ = ["flops_ratio", "flops_penalty", "loss", "loss_parts"]
 
 
 def flops_ratio(masks: Tensor | Sequence[Tensor], num_tokens: int, dim: int) -> Tensor:
@@ -59,5 +59,18 @@ def loss(
         ratio: 0-d `flops_ratio` of the same forward.
         label_smoothing: the original trains with 0.1.
     """
+    return loss_parts(logits, target, ratio, reduction_target, reg_scale, cls_scale, label_smoothing)[0]
+
+
+def loss_parts(
+    logits: Tensor,
+    target: Tensor,
+    ratio: Tensor,
+    reduction_target: float,
+    reg_scale: float,
+    cls_scale: float,
+    label_smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    """`loss` and its cross-entropy term, ``(total, ce)`` (`fit` logs both)."""
     ce = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-    return cls_scale * ce + reg_scale * flops_penalty(ratio, reduction_target)
+    return cls_scale * ce + reg_scale * flops_penalty(ratio, reduction_target), ce

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["threshold_mask", "importance", "best_match", "output_order", "concat_order"]
+__all__ = ["threshold_mask", "importance", "best_match", "output_order", "output_position", "concat_order"]
 
 
 def threshold_mask(values: Tensor, threshold: Tensor, tau: float) -> Tensor:
@@ -116,6 +116,13 @@ def output_order(n: int, p: int, device: torch.device) -> Tensor:
     pos = torch.arange(n, device=device)
     rest = pos[p:]
     return torch.cat([pos[:p], rest[rest % 2 == 0], rest[rest % 2 == 1]])
+
+
+@lru_cache(maxsize=64)
+def output_position(n: int, p: int, device: torch.device) -> Tensor:
+    """``[N]`` long: where each input position lands in `output_order` (its inverse)."""
+    order = output_order(n, p, device)
+    return torch.empty_like(order).scatter_(0, order, torch.arange(n, device=device))
 
 
 @lru_cache(maxsize=64)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
 from tmcore.plan import merge_weighted, pack, reduce
-from tm_ltmp.masks import best_match, concat_order, importance, output_order, threshold_mask
+from tm_ltmp.masks import best_match, concat_order, importance, output_order, output_position, threshold_mask
 
 __all__ = ["LTMP", "LTMPConfig", "DEFAULT_THRESHOLDS"]
 
@@ -282,8 +282,7 @@ class LTMP(BaseReducer):
             keep_b = keep_b & (imp_b > theta_prune)
         kept = torch.empty(b, n, dtype=torch.bool, device=keys.device)
         kept[:, ::2], kept[:, 1::2] = keep_a, keep_b
-        order = output_order(n, p, keys.device)
-        position = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=keys.device))
+        order, position = output_order(n, p, keys.device), output_position(n, p, keys.device)
         src = torch.arange(0, n, 2, device=keys.device).expand(b, -1)
         target = torch.where(merged, position[(2 * idx + 1).clamp(max=n - 1)], -1)
         return pack(order, kept[:, order], n, src=src, src_target=target)
