@@ -7,7 +7,7 @@ DISTS := . $(wildcard plugins/*) $(wildcard adapters/*)
 STAMP := $(VENV)/.tmcore-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean train-fmnist fit-ltmp-fmnist
+.PHONY: demo test lint install clean train-fmnist fit-ltmp-fmnist
 
 install: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard adapter
 demo: $(STAMP)
 	$(PY) -m tmcore.demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # Re-train the bundled model (about 3.5 hours on 2 cores) and export it into tmcore/models/.
 FMNIST_DIR := /usr/share/datasets/fashion-mnist

@@ -50,7 +50,8 @@ def main() -> None:
     for stage, log in enumerate(stages, 1):
         first = len(epochs) + 1
         epochs += [
-            {**e, "stage": stage, "epoch": first + i, "seconds": e["seconds"] + offset} for i, e in enumerate(log["epochs"])
+            {**e, "stage": stage, "epoch": first + i, "seconds": e["seconds"] + offset}
+            for i, e in enumerate(log["epochs"])
         ]
         offset += log["epochs"][-1]["seconds"]
     card = {
@@ -81,7 +82,8 @@ def model_card(card: dict) -> str:
         f"  {i}. {done[i - 1]} epochs"
         + (f" (stopped early; schedule for {r['epochs']})" if done[i - 1] != int(r["epochs"]) else "")
         + f", AdamW lr {r['lr']} (linear warm-up {r['warmup_steps']} steps, cosine to 0), "
-        f"seed {r['seed']}" + (", bf16 autocast" if r.get("bf16") == "True" else ", fp32")
+        f"seed {r['seed']}"
+        + (", bf16 autocast" if r.get("bf16") == "True" else ", fp32")
         + (f", starting from stage {i - 1}'s weights" if r.get("init") not in (None, "None") else "")
         for i, r in enumerate(card["recipe"], 1)
     )
@@ -96,22 +98,23 @@ A timm `VisionTransformer` trained from scratch on Fashion-MNIST (MIT licence, D
 `dataset-fashion-mnist`), bundled so that `tmcore bench` shows real accuracy with no download.
 `tmcore.models.load("fmnist-vit")`.
 
-- Architecture: {arch['depth']} blocks, width {arch['embed_dim']}, {arch['num_heads']} heads, MLP ratio
-  {arch['mlp_ratio']}, 28x28 grey input, patch {arch['patch_size']}: 196 patches + class token = **197 tokens**
+- Architecture: {arch["depth"]} blocks, width {arch["embed_dim"]}, {arch["num_heads"]} heads, MLP ratio
+  {arch["mlp_ratio"]}, 28x28 grey input, patch {arch["patch_size"]}: 196 patches + class token = **197 tokens**
   (the sequence length of ViT-B/16 at 224 px); class-token pooling.
-- Weights: fp16 safetensors (`fmnist-vit.safetensors`, loaded as fp32); normalisation mean {card['mean']}, std {card['std']}.
-- Recipe (`scripts/train_fmnist_vit.py`): batch {r['batch_size']}, AdamW, weight decay {r['weight_decay']} (not on
-  norms, biases, tokens, position embedding), label smoothing {r['label_smoothing']}, gradient clipping 1.0,
-  random 2-px shifts and horizontal flips; fp32 weights, {r['threads']} CPU threads; in stages:
+- Weights: fp16 safetensors (`fmnist-vit.safetensors`, loaded as fp32); normalisation mean {card["mean"]},
+  std {card["std"]}.
+- Recipe (`scripts/train_fmnist_vit.py`): batch {r["batch_size"]}, AdamW, weight decay {r["weight_decay"]} (not on
+  norms, biases, tokens, position embedding), label smoothing {r["label_smoothing"]}, gradient clipping 1.0,
+  random 2-px shifts and horizontal flips; fp32 weights, {r["threads"]} CPU threads; in stages:
 {stages}
-- Training time: {card['training_seconds'] / 60:.0f} min on 2 CPU cores.
+- Training time: {card["training_seconds"] / 60:.0f} min on 2 CPU cores.
 
 | epoch | stage | test top-1 (10k, fp32 weights) | elapsed |
 |---|---|---|---|
 {epochs}
 
-**Accuracy of the shipped fp16 weights: {100 * card['test_top1']:.2f}% on the 10,000 test images,
-{100 * card['sample_top1']:.2f}% on the bundled sample** (`fmnist-test-2000.safetensors.gz`: {card['sample']}).
+**Accuracy of the shipped fp16 weights: {100 * card["test_top1"]:.2f}% on the 10,000 test images,
+{100 * card["sample_top1"]:.2f}% on the bundled sample** (`fmnist-test-2000.safetensors.gz`: {card["sample"]}).
 
 LTMP thresholds learned for this model at reduction target 0.75:
 `fmnist-vit-ltmp75.safetensors`, made by `scripts/fit_ltmp_fmnist.py` (figures in `plugins/tm-ltmp/README.md`);

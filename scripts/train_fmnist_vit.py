@@ -73,7 +73,9 @@ def main() -> None:
     if args.init is not None:
         model.load_state_dict(load_file(str(args.init)))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)
+    ]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
@@ -106,7 +108,10 @@ def main() -> None:
             step += 1
             running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
             if i % 50 == 0:
-                print(f"epoch {epoch} step {i}/{steps_per_epoch} loss {running:.3f} {time.time() - start:.0f}s", flush=True)
+                print(
+                    f"epoch {epoch} step {i}/{steps_per_epoch} loss {running:.3f} {time.time() - start:.0f}s",
+                    flush=True,
+                )
         acc = evaluate(model, test_x, test_y)
         log["epochs"].append({"epoch": epoch + 1, "test_top1": acc, "seconds": time.time() - start, "loss": running})
         print(f"epoch {epoch + 1}: test top-1 {acc:.4f} after {time.time() - start:.0f}s", flush=True)

@@ -78,8 +78,10 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         return json.loads((tmp_path / out).read_text())
 
     one = run([sys.executable, "-m", "tmcore.cli"], "one.json")
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "tmcore.cli"], "two.json")
+    two = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tmcore.cli"],
+        "two.json",
+    )
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert (two["correct"], two["total"]) == (one["correct"], one["total"]) and one["total"] == 45
 

@@ -44,7 +44,10 @@ def test_every_command_has_help(command, capsys):
         (["eval", "--model", "timm:test_vit"], "--data is required"),
         (["eval", "--model", "timm:test_vit", "--data", "/no/such/dir"], "not a directory"),
         (["eval", "--reducer", "tome:r=1,2"], "give one setting"),
-        (["bench", "--model", "timm:resnet18", "--reducer", "tome:r=4"], "no installed adapter handles a model of class"),
+        (
+            ["bench", "--model", "timm:resnet18", "--reducer", "tome:r=4"],
+            "no installed adapter handles a model of class",
+        ),
         (["eval", "--reducer", "tome:r"], "'r' is not KEY=VALUE"),
         (["eval", "--reducer", "nosuch:r=1"], "unknown reducer 'nosuch'"),
         (["visualize", "/no/such/image.png"], "IMAGE '/no/such/image.png': no such file"),
@@ -87,8 +90,13 @@ def test_compare_rows_are_consistent():
     torch.manual_seed(0)
     model = timm.create_model("test_vit").eval()
     x = torch.randn(4, 3, 160, 160)
-    rows = compare(variants(model, [Setting("tome", {"r": 4}), Setting("tome", {"r": 8})]), x, rounds=2, warmup=1,
-                   one_at_a_time=True)
+    rows = compare(
+        variants(model, [Setting("tome", {"r": 4}), Setting("tome", {"r": 8})]),
+        x,
+        rounds=2,
+        warmup=1,
+        one_at_a_time=True,
+    )
     assert [r.reducer for r in rows] == ["none", "tome", "tome"]
     assert rows[0].speedup == 1.0 and rows[0].flop_ratio == 1.0 and rows[0].tokens_out == 101
     assert [r.tokens_out for r in rows[1:]] == [101 - 6 * 4, 101 - 6 * 8]
@@ -107,9 +115,26 @@ def tmcore_unpatched(model):
 
 
 def test_bench_command_writes_json_csv_and_plot(tmp_path, capsys):
-    argv = ["bench", "--model", "timm:test_vit", "--reducer", "tome:r=4,8", "--batch-size", "4", "--rounds", "2",
-            "--warmup", "1", "--json", str(tmp_path / "rows.json"), "--csv", str(tmp_path / "rows.csv"),
-            "--plot", str(tmp_path / "plot.png"), "--one-at-a-time"]
+    argv = [
+        "bench",
+        "--model",
+        "timm:test_vit",
+        "--reducer",
+        "tome:r=4,8",
+        "--batch-size",
+        "4",
+        "--rounds",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(tmp_path / "rows.json"),
+        "--csv",
+        str(tmp_path / "rows.csv"),
+        "--plot",
+        str(tmp_path / "plot.png"),
+        "--one-at-a-time",
+    ]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [(r["reducer"], r["config"]) for r in rows] == [("none", {}), ("tome", {"r": 4}), ("tome", {"r": 8})]
@@ -131,11 +156,27 @@ def test_bench_loads_a_saved_reducer_file(tmp_path, capsys):
 
     saved = tmp_path / "tome-r6.safetensors"
     tmcore.save(tmcore.apply(timm.create_model("test_vit"), "tome", r=6), saved)
-    argv = ["bench", "--model", "timm:test_vit", "--load", str(saved), "--batch-size", "2", "--rounds", "1",
-            "--warmup", "0", "--json", str(tmp_path / "rows.json")]
+    argv = [
+        "bench",
+        "--model",
+        "timm:test_vit",
+        "--load",
+        str(saved),
+        "--batch-size",
+        "2",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        str(tmp_path / "rows.json"),
+    ]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [(r["reducer"], r["config"], r["tokens_out"]) for r in rows] == [("none", {}, 101), ("tome", {"r": 6, "prop_attn": None}, 101 - 36)]
+    assert [(r["reducer"], r["config"], r["tokens_out"]) for r in rows] == [
+        ("none", {}, 101),
+        ("tome", {"r": 6, "prop_attn": None}, 101 - 36),
+    ]
     assert "tome tome-r6.safetensors" in capsys.readouterr().out
     assert main(["bench", "--model", "timm:test_vit", "--load", str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err

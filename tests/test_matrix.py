@@ -5,4 +5,6 @@ import tmcore
 from tmcore.testing import ReducerConformance
 
 for _reg in tmcore.reducers():
-    globals()[f"TestMatrix_{_reg.name}"] = type(f"TestMatrix_{_reg.name}", (ReducerConformance,), {"reducer": _reg.name})
+    globals()[f"TestMatrix_{_reg.name}"] = type(
+        f"TestMatrix_{_reg.name}", (ReducerConformance,), {"reducer": _reg.name}
+    )

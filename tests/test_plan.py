@@ -201,7 +201,9 @@ def test_ragged_source_map_composes_and_skips_padding():
 
     # sample 0 keeps 3 of 4 tokens (token 3 merges into token 1); sample 1 keeps 2 (2 and 3 pruned)
     kept = torch.tensor([[True, True, True, False], [True, True, False, False]])
-    plan = pack(torch.arange(4), kept, 4, torch.arange(4).expand(2, 4), torch.tensor([[-1, -1, -1, 1], [-1, -1, -1, -1]]))
+    plan = pack(
+        torch.arange(4), kept, 4, torch.arange(4).expand(2, 4), torch.tensor([[-1, -1, -1, 1], [-1, -1, -1, -1]])
+    )
     assert plan.keep.tolist() == [[0, 1, 2], [0, 1, 0]] and plan.valid.tolist() == [[True] * 3, [True, True, False]]
     source = compose_source(identity_source(2, 4), plan)
     assert source.tolist() == [[0, 1, 2, 1], [0, 1, -1, -1]]

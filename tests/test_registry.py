@@ -94,9 +94,14 @@ def test_plugin_whose_hook_raises_is_skipped(site):
 
 
 def test_duplicate_name_names_both_distributions(site):
-    source = "import tmcore\nfrom tm_tome import ToMe\n\n@tmcore.hookimpl\ndef tmcore_register_reducers(register):\n    register(ToMe)\n"
+    source = (
+        "import tmcore\nfrom tm_tome import ToMe\n\n"
+        "@tmcore.hookimpl\ndef tmcore_register_reducers(register):\n    register(ToMe)\n"
+    )
     _install(site, "tm-tome-fork", "tm_tome_fork", source)
-    with pytest.raises(PluginError, match=r"'tome' is registered twice: by tm-tome 0\.1\.0 .* and by tm-tome-fork 1\.2\.3"):
+    with pytest.raises(
+        PluginError, match=r"'tome' is registered twice: by tm-tome 0\.1\.0 .* and by tm-tome-fork 1\.2\.3"
+    ):
         registry.reload()
 
 

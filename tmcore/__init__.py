@@ -1,8 +1,8 @@
 """tmcore: token reduction (merging, pruning, pooling) for transformers, as plugins.
 
-    import timm, tmcore
-    model = timm.create_model("deit_small_patch16_224")
-    tmcore.apply(model, "tome", r=13)
+import timm, tmcore
+model = timm.create_model("deit_small_patch16_224")
+tmcore.apply(model, "tome", r=13)
 """
 
 from tmcore import models
@@ -30,10 +30,42 @@ from tmcore.state import LayerInputs, Runtime, TokenState, Trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AlreadyAppliedError", "BaseReducer", "IncompatibleVersionError", "InvalidConfigError",
-    "LayerInputs", "ModelInfo", "NoAdapterError", "NotAppliedError", "Patch", "Plan", "PluginError",
-    "PluginLoadWarning", "RSchedule", "ReducerConfig", "Runtime", "ScheduleClampWarning", "TmcoreError",
-    "TokenReducer", "TokenState", "Trace", "UnknownReducerError", "adapters", "apply",
-    "bipartite_soft_matching", "get_patch", "hookimpl", "load", "merge_weighted", "models", "parse_r", "plugins",
-    "reduce", "reducers", "remove", "save", "trace", "unmerge",
+    "Adapter",
+    "AlreadyAppliedError",
+    "BaseReducer",
+    "IncompatibleVersionError",
+    "InvalidConfigError",
+    "LayerInputs",
+    "ModelInfo",
+    "NoAdapterError",
+    "NotAppliedError",
+    "Patch",
+    "Plan",
+    "PluginError",
+    "PluginLoadWarning",
+    "RSchedule",
+    "ReducerConfig",
+    "Runtime",
+    "ScheduleClampWarning",
+    "TmcoreError",
+    "TokenReducer",
+    "TokenState",
+    "Trace",
+    "UnknownReducerError",
+    "adapters",
+    "apply",
+    "bipartite_soft_matching",
+    "get_patch",
+    "hookimpl",
+    "load",
+    "merge_weighted",
+    "models",
+    "parse_r",
+    "plugins",
+    "reduce",
+    "reducers",
+    "remove",
+    "save",
+    "trace",
+    "unmerge",
 ]

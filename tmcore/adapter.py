@@ -14,6 +14,7 @@ from tmcore.state import Runtime
 
 __all__ = ["Adapter", "Patch", "version_tuple"]
 
+
 def version_tuple(version: str) -> tuple[int, ...]:
     """``"1.0.31"`` -> ``(1, 0, 31)``; pre-release and local suffixes are ignored."""
     return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0].split("dev")[0])[:3])
@@ -28,7 +29,7 @@ class Patch:
     independently removable copy.
     """
 
-    def __init__(self, reducer: TokenReducer, adapter: "Adapter", runtime: Runtime) -> None:
+    def __init__(self, reducer: TokenReducer, adapter: Adapter, runtime: Runtime) -> None:
         self.reducer = reducer
         self.adapter = adapter
         self.runtime = runtime

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -70,7 +71,8 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
     missing = reducer_cls.requires - adapter.inputs
     if missing:
         raise NoAdapterError(
-            f"reducer {reducer!r} needs {sorted(missing)} from each layer, which adapter {adapter.name!r} cannot provide"
+            f"reducer {reducer!r} needs {sorted(missing)} from each layer, "
+            f"which adapter {adapter.name!r} cannot provide"
         )
     info = adapter.describe(model)
     instance = reducer_cls(cfg, info)
@@ -160,7 +162,9 @@ def read_saved(path: str | Path, tensors: bool = True) -> tuple[str, dict[str, A
         metadata = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     if metadata.get("format") != _FORMAT:
-        raise InvalidConfigError(f"{path}: not a tmcore reducer file (format {metadata.get('format')!r}, expected {_FORMAT!r})")
+        raise InvalidConfigError(
+            f"{path}: not a tmcore reducer file (format {metadata.get('format')!r}, expected {_FORMAT!r})"
+        )
     return metadata["reducer"], json.loads(metadata["config"]), state
 
 

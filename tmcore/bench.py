@@ -10,8 +10,9 @@ import copy
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +20,18 @@ from torch import nn
 import tmcore
 
 __all__ = [
-    "Setting", "BenchRow", "vit_macs", "sample_counts", "top1_and_flop_ratio", "variants", "compare",
-    "reduction_share", "peak_memory_mb", "fidelity", "write_csv", "plot",
+    "Setting",
+    "BenchRow",
+    "vit_macs",
+    "sample_counts",
+    "top1_and_flop_ratio",
+    "variants",
+    "compare",
+    "reduction_share",
+    "peak_memory_mb",
+    "fidelity",
+    "write_csv",
+    "plot",
 ]
 
 
@@ -34,7 +45,7 @@ class Setting:
     """A reducer file written by `tmcore.save` (config plus learned state, e.g. LTMP thresholds)."""
 
     @classmethod
-    def from_file(cls, path: str) -> "Setting":
+    def from_file(cls, path: str) -> Setting:
         """The setting saved in ``path`` by `tmcore.save`."""
         from tmcore.api import read_saved
 
@@ -174,7 +185,10 @@ def compare(
     singles = list(inputs.split(1))
 
     def run(m: nn.Module, batches: list[torch.Tensor]) -> float:
-        with torch.inference_mode(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+        ):
             if device_type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -272,7 +286,9 @@ def fidelity(
     device_type = images.device.type
     with torch.inference_mode(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for m in models:
-            outputs.append(torch.cat([m(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]))
+            outputs.append(
+                torch.cat([m(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)])
+            )
     if labels is not None:
         return [{"top1": (o.argmax(-1) == labels).float().mean().item()} for o in outputs]
     ref = outputs[0]
@@ -285,8 +301,22 @@ def fidelity(
     ]
 
 
-_COLUMNS = ("reducer", "config", "label", "images_per_s", "speedup", "gmacs", "flop_ratio", "tokens_out", "peak_mem_mb",
-            "top1", "agreement", "cosine", "ms_per_batch", "single_images_per_s")
+_COLUMNS = (
+    "reducer",
+    "config",
+    "label",
+    "images_per_s",
+    "speedup",
+    "gmacs",
+    "flop_ratio",
+    "tokens_out",
+    "peak_mem_mb",
+    "top1",
+    "agreement",
+    "cosine",
+    "ms_per_batch",
+    "single_images_per_s",
+)
 
 
 def write_csv(rows: Sequence[BenchRow], path: str) -> None:
@@ -326,8 +356,13 @@ def plot(rows: Sequence[BenchRow], path: str, title: str = "") -> None:
         rs = sorted(rs, key=lambda r: r.images_per_s)
         ax.plot([r.images_per_s for r in rs], [100 * getattr(r, metric) for r in rs], marker="o", label=name)
         for r in rs:
-            ax.annotate(r.label.removeprefix(name).strip(), (r.images_per_s, 100 * getattr(r, metric)),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                r.label.removeprefix(name).strip(),
+                (r.images_per_s, 100 * getattr(r, metric)),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
     ax.set_xlabel("images / s")
     ax.set_ylabel("top-1 (%)" if metric == "top1" else "agreement with unreduced (%)")
     ax.set_title(title, fontsize=9)

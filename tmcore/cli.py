@@ -6,8 +6,9 @@ import argparse
 import ast
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tmcore.errors import TmcoreError
 
@@ -124,6 +125,7 @@ def _progress(label: str) -> tuple[Callable[[int, int], None], Callable[[], None
     try:
         from rich.progress import Progress
     except ImportError:
+
         def update(done: int, total: int) -> None:
             print(f"\r{label} {done}/{total}", end="", file=sys.stderr, flush=True)
 
@@ -168,8 +170,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     if not infos:
         print("no tmcore plugins installed (pip install tm-tome 'tmcore[timm]')")
         return 0
-    rows = [[p.distribution, p.version, ", ".join(p.reducers) or "-", ", ".join(p.adapters) or "-",
-             p.error or "ok"] for p in infos]
+    rows = [
+        [p.distribution, p.version, ", ".join(p.reducers) or "-", ", ".join(p.adapters) or "-", p.error or "ok"]
+        for p in infos
+    ]
     _print_table("installed tmcore plugins", ["distribution", "version", "reducers", "adapters", "status"], rows)
     return 0
 
@@ -202,28 +206,55 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         data = inputs
     patched = variants(model, settings)
     update, close = _progress("measuring")
-    rows = compare(patched, inputs, rounds=args.rounds, warmup=args.warmup, autocast_dtype=dtype,
-                   one_at_a_time=args.one_at_a_time, progress=update)
+    rows = compare(
+        patched,
+        inputs,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        autocast_dtype=dtype,
+        one_at_a_time=args.one_at_a_time,
+        progress=update,
+    )
     close()
     for row, fid in zip(rows, fidelity([m for _, m in patched], data, labels, autocast_dtype=dtype)):
         for key, value in fid.items():
             setattr(row, key, value)
 
     weights = "bundled" if args.model in models.available() else ("pretrained" if args.pretrained else "random-init")
-    title = (f"{args.model} ({weights}), batch {args.batch_size}, {args.device}, {args.dtype}, "
-             f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    title = (
+        f"{args.model} ({weights}), batch {args.batch_size}, {args.device}, {args.dtype}, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
+    )
     fid_cols = ["top-1"] if labels is not None else ["agreement", "cosine"]
     table = []
     for row in rows:
-        fid_vals = ([f"{100 * row.top1:.2f}%"] if labels is not None
-                    else [f"{100 * row.agreement:.1f}%", f"{row.cosine:.4f}"])
-        single = ([f"{row.single_images_per_s:.1f}", f"{row.images_per_s / row.single_images_per_s:.2f}x"]
-                  if args.one_at_a_time else [])
-        table.append([row.label, f"{row.images_per_s:.1f}", f"{row.speedup:.2f}x", f"{row.gmacs:.2f}",
-                      f"{row.flop_ratio:.2f}x", str(row.tokens_out), f"{row.peak_mem_mb:.0f}", *fid_vals, *single])
+        fid_vals = (
+            [f"{100 * row.top1:.2f}%"] if labels is not None else [f"{100 * row.agreement:.1f}%", f"{row.cosine:.4f}"]
+        )
+        single = (
+            [f"{row.single_images_per_s:.1f}", f"{row.images_per_s / row.single_images_per_s:.2f}x"]
+            if args.one_at_a_time
+            else []
+        )
+        table.append(
+            [
+                row.label,
+                f"{row.images_per_s:.1f}",
+                f"{row.speedup:.2f}x",
+                f"{row.gmacs:.2f}",
+                f"{row.flop_ratio:.2f}x",
+                str(row.tokens_out),
+                f"{row.peak_mem_mb:.0f}",
+                *fid_vals,
+                *single,
+            ]
+        )
     single_cols = ["images/s 1-by-1", "batch gain"] if args.one_at_a_time else []
-    _print_table(title, ["reducer", "images/s", "speed-up", "GMACs", "FLOP ratio", "tokens out", "peak MiB",
-                         *fid_cols, *single_cols], table)
+    _print_table(
+        title,
+        ["reducer", "images/s", "speed-up", "GMACs", "FLOP ratio", "tokens out", "peak MiB", *fid_cols, *single_cols],
+        table,
+    )
     if args.show_counts:
         for row in rows[1:]:
             print(f"tokens per block, {row.label}: {' '.join(map(str, row.token_counts))}")
@@ -272,8 +303,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     close()
     if rank == 0:
         what = f"{setting.reducer} {setting.config}" if setting else "unreduced"
-        print(f"{args.model} ({what}): top-1 {100 * result['top1']:.2f}% ({result['correct']}/{result['total']}), "
-              f"{world} process{'es' if world > 1 else ''}")
+        print(
+            f"{args.model} ({what}): top-1 {100 * result['top1']:.2f}% ({result['correct']}/{result['total']}), "
+            f"{world} process{'es' if world > 1 else ''}"
+        )
         if args.json:
             reducer = [setting.reducer, setting.config] if setting else None
             summary = {**result, "model": args.model, "reducer": reducer, "world_size": world}
@@ -321,8 +354,11 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="bundled model name, timm:NAME, or a local transformers directory (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="bundled model name, timm:NAME, or a local transformers directory (default: %(default)s)",
+    )
     p.add_argument("--pretrained", action="store_true", help="timm: download pretrained weights (needs the hub)")
     p.add_argument("--checkpoint", metavar="PATH", help="timm: load weights from a local file")
     p.add_argument("--device", default="cpu")
@@ -338,17 +374,28 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="reduced vs unreduced: throughput, FLOPs, tokens, memory, accuracy, side by side")
     _add_model_args(b)
-    b.add_argument("--reducer", action="append", metavar="SPEC",
-                   help="NAME[:KEY=V1,V2[;KEY=V]] (repeatable); default: every installed reducer's example settings")
-    b.add_argument("--load", action="append", metavar="FILE",
-                   help="a reducer file written by tmcore.save (config + learned state, e.g. LTMP thresholds); repeatable")
+    b.add_argument(
+        "--reducer",
+        action="append",
+        metavar="SPEC",
+        help="NAME[:KEY=V1,V2[;KEY=V]] (repeatable); default: every installed reducer's example settings",
+    )
+    b.add_argument(
+        "--load",
+        action="append",
+        metavar="FILE",
+        help="a reducer file written by tmcore.save (config + learned state, e.g. LTMP thresholds); repeatable",
+    )
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     b.add_argument("--rounds", type=int, default=10, help="timed interleaved rounds (median)")
     b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--one-at-a-time", action="store_true",
-                   help="also time the same images fed one by one (batch size 1) and report the batching gain")
+    b.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="also time the same images fed one by one (batch size 1) and report the batching gain",
+    )
     b.add_argument("--show-counts", action="store_true", help="print tokens per block for each setting")
     b.add_argument("--reduction-share", action="store_true", help="time share of the score/match/reduce step")
     b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
@@ -371,9 +418,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--reducer", default="tome:r=13", metavar="SPEC", help="one setting (default: %(default)s)")
     v.add_argument("--out", default="groups.png", help="output PNG (default: %(default)s)")
     v.add_argument("--scale", type=int, default=0, help="pixels per patch (default: about 448 px wide)")
-    v.add_argument("--style", default="flat", choices=["flat", "mean"],
-                   help="flat: one distinct colour per group; mean: each group in its mean input colour, "
-                        "outlined (the ToMe paper's figures) (default: %(default)s)")
+    v.add_argument(
+        "--style",
+        default="flat",
+        choices=["flat", "mean"],
+        help="flat: one distinct colour per group; mean: each group in its mean input colour, "
+        "outlined (the ToMe paper's figures) (default: %(default)s)",
+    )
     v.set_defaults(func=_cmd_visualize)
     return parser
 

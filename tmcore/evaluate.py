@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sized
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,11 +45,13 @@ class _ImageTransform:
         mean = cfg.get("mean", (0.485, 0.456, 0.406)[:chans] if chans == 3 else (0.5,))
         std = cfg.get("std", (0.229, 0.224, 0.225)[:chans] if chans == 3 else (0.5,))
         crop_pct = cfg.get("crop_pct", 0.875)
-        self.crop = T.Compose([
-            T.Resize(int(round(min(h, w) / crop_pct)), interpolation=T.InterpolationMode.BILINEAR),
-            T.CenterCrop((h, w)),
-            T.ToTensor(),
-        ])
+        self.crop = T.Compose(
+            [
+                T.Resize(int(round(min(h, w) / crop_pct)), interpolation=T.InterpolationMode.BILINEAR),
+                T.CenterCrop((h, w)),
+                T.ToTensor(),
+            ]
+        )
         """PIL image -> ``[C, H, W]`` in ``[0, 1]``: the pixels the model sees, before normalisation."""
         self.normalize = T.Normalize(mean, std)
 

@@ -63,7 +63,7 @@ class Plan:
         return self.keep.shape[1]
 
     @classmethod
-    def prune(cls, keep: Tensor, num_in: int, valid: Tensor | None = None) -> "Plan":
+    def prune(cls, keep: Tensor, num_in: int, valid: Tensor | None = None) -> Plan:
         """A plan that keeps ``keep`` ``[B, M]`` (in that order) and drops every other token."""
         empty = keep.new_empty((keep.shape[0], 0))
         return cls(keep=keep, src=empty, src_dst=empty, num_in=num_in, valid=valid)

@@ -103,7 +103,9 @@ class Registry:
             self.manager.add_hookspecs(hookspecs)
             only, disabled = _env_names("TMCORE_PLUGINS"), _env_names("TMCORE_DISABLE_PLUGINS") or set()
             seen: set[tuple[str, str]] = set()
-            eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.dist.name if e.dist else "", e.name))
+            eps = sorted(
+                metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.dist.name if e.dist else "", e.name)
+            )
             for ep in eps:
                 dist = _normalize(ep.dist.name) if ep.dist else "(unknown)"
                 version = ep.dist.version if ep.dist else "?"
@@ -163,7 +165,9 @@ class Registry:
         installed = ", ".join(f"{r.name} ({r.distribution})" for r in self.reducers.values()) or "none"
         msg = f"unknown reducer {name!r}. Installed reducers: {installed}."
         if name in KNOWN_REDUCERS:
-            msg += f" {name!r} is provided by the distribution {KNOWN_REDUCERS[name]}: pip install {KNOWN_REDUCERS[name]}"
+            msg += (
+                f" {name!r} is provided by the distribution {KNOWN_REDUCERS[name]}: pip install {KNOWN_REDUCERS[name]}"
+            )
         else:
             close = difflib.get_close_matches(name, [*self.reducers, *KNOWN_REDUCERS], n=1)
             if close:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from functools import lru_cache
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import PlainSerializer, PlainValidator
 
@@ -13,7 +13,7 @@ from tmcore.matching import max_bipartite_r
 
 __all__ = ["RSchedule", "parse_r", "clamped_r", "clamped_r_cached", "token_counts"]
 
-RValue = Union[int, list[int], tuple[int, float]]
+RValue = int | list[int] | tuple[int, float]
 
 _R_ALLOWED = (
     "an int >= 0 (the same r in every block), a list of ints >= 0 (one per block), "

@@ -47,6 +47,7 @@ def masked_softmax(logits: Tensor, mask: Tensor, eps: float = MASK_EPS) -> Tenso
         return e / e.sum(dim=-1, keepdim=True)
     return (e + eps / e.shape[-1]) / (e.sum(dim=-1, keepdim=True) + eps)
 
+
 _ids = itertools.count()
 
 
@@ -128,7 +129,7 @@ class TokenState:
             bias = self.size.to(torch.promote_types(self.size.dtype, torch.float32)).log().transpose(1, 2).unsqueeze(1)
         if self.valid is not None:
             invalid = (~self.valid).unsqueeze(1).unsqueeze(1)
-            bias = (bias if bias is not None else invalid.new_zeros(invalid.shape, dtype=torch.float32))
+            bias = bias if bias is not None else invalid.new_zeros(invalid.shape, dtype=torch.float32)
             bias = bias.masked_fill(invalid, float("-inf"))
         return None if bias is None else bias.to(dtype)
 
@@ -214,7 +215,7 @@ class Runtime:
     score / match / reduce.
     """
 
-    def __init__(self, reducer: "TokenReducer", info: "ModelInfo") -> None:
+    def __init__(self, reducer: TokenReducer, info: ModelInfo) -> None:
         self.reducer = reducer
         self.info = info
         self.soft = callable(getattr(reducer, "soft_step", None))

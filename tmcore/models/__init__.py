@@ -1,8 +1,8 @@
 """Models bundled with tmcore, loadable with no download.
 
-    model = tmcore.models.load("fmnist-vit")            # a timm VisionTransformer, eval mode
-    images, labels = tmcore.models.load_samples("fmnist-vit")   # 2,000 labelled test images
-    logits = model(tmcore.models.preprocess(images, model))
+model = tmcore.models.load("fmnist-vit")            # a timm VisionTransformer, eval mode
+images, labels = tmcore.models.load_samples("fmnist-vit")   # 2,000 labelled test images
+logits = model(tmcore.models.preprocess(images, model))
 """
 
 from __future__ import annotations
@@ -18,8 +18,17 @@ from torch import nn
 from tmcore.errors import TmcoreError
 
 __all__ = [
-    "FMNIST_ARCH", "FMNIST_MEAN", "FMNIST_STD", "UnknownModelError",
-    "available", "build_fmnist_vit", "card", "load", "load_samples", "preprocess", "reducer_files",
+    "FMNIST_ARCH",
+    "FMNIST_MEAN",
+    "FMNIST_STD",
+    "UnknownModelError",
+    "available",
+    "build_fmnist_vit",
+    "card",
+    "load",
+    "load_samples",
+    "preprocess",
+    "reducer_files",
 ]
 
 FMNIST_ARCH: dict[str, Any] = dict(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -36,7 +37,9 @@ def tiny_timm_models() -> dict[str, Callable[[], nn.Module]]:
         "vit": make(VisionTransformer),
         "deit_distilled": make(VisionTransformerDistilled),
         "layerscale_qknorm": make(VisionTransformer, init_values=0.5, qk_norm=True),
-        "reg4_avgpool": make(VisionTransformer, class_token=False, reg_tokens=4, global_pool="avg", no_embed_class=True),
+        "reg4_avgpool": make(
+            VisionTransformer, class_token=False, reg_tokens=4, global_pool="avg", no_embed_class=True
+        ),
     }
 
 
@@ -140,7 +143,9 @@ class ReducerConformance:
             if self._cls().merge_only:
                 assert (t.source >= 0).all()
                 assert torch.equal(t.source_matrix().sum(1), torch.ones(x.shape[0], n0, dtype=torch.long))
-                torch.testing.assert_close(t.sizes.sum(1).squeeze(-1), torch.full((x.shape[0],), float(n0), dtype=t.sizes.dtype))
+                torch.testing.assert_close(
+                    t.sizes.sum(1).squeeze(-1), torch.full((x.shape[0],), float(n0), dtype=t.sizes.dtype)
+                )
                 sizes_from_source = t.source_matrix().sum(2)
                 torch.testing.assert_close(t.sizes.squeeze(-1), sizes_from_source.to(t.sizes.dtype))
 

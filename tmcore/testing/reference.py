@@ -9,7 +9,7 @@ its method's ``merge`` closure from the spec and runs it through `vit_forward`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -21,7 +21,12 @@ def _images(model, batch=2, seed=0):
 
 @pytest.mark.parametrize(
     "name",
-    ["deit_small_patch16_224", "deit_small_distilled_patch16_224", "deit3_small_patch16_224", "vit_medium_patch16_reg4_gap_256"],
+    [
+        "deit_small_patch16_224",
+        "deit_small_distilled_patch16_224",
+        "deit3_small_patch16_224",
+        "vit_medium_patch16_reg4_gap_256",
+    ],
 )
 def test_r0_matches_unpatched_and_remove_is_bit_identical(name):
     torch.manual_seed(0)
@@ -127,7 +132,9 @@ def test_autocast_bfloat16_keeps_bias_dtype_in_step():
 
 def test_two_threads_give_the_sequential_results():
     model = tmcore.apply(tiny_timm_models()["deit_distilled"](), "tome", r=5)
-    inputs = [torch.randn(n, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) for n in (1, 4)]
+    inputs = [
+        torch.randn(n, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) for n in (1, 4)
+    ]
     with torch.no_grad():
         expected = [model(x) for x in inputs]
     barrier, results, errors = threading.Barrier(2), [[], []], []
@@ -172,7 +179,9 @@ def test_unsupported_timm_models_are_named():
     with pytest.raises(NoAdapterError, match=r"block 0 is a ResPostBlock.*Supported: timm VisionTransformer"):
         tmcore.apply(model, "tome", r=2)
     assert all("forward" not in m.__dict__ for m in model.modules())
-    pooled = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, global_pool="map", class_token=False)
+    pooled = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, global_pool="map", class_token=False
+    )
     with pytest.raises(NoAdapterError, match="attention pooling"):
         tmcore.apply(pooled, "tome", r=2)
     with pytest.raises(NoAdapterError, match=r"timm\.models\.resnet\.ResNet"):

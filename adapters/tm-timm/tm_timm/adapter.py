@@ -19,8 +19,9 @@ the reducer. Every other forward runs the fused path above unchanged.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -200,7 +201,9 @@ class TimmViT(Adapter):
             if needs & {"cls_attn", "attn"}:
                 patch.add_hook(attn.q_norm.register_forward_hook(partial(_capture, runtime, "q")))
             if "values" in needs:
-                patch.add_hook(attn.qkv.register_forward_hook(partial(_capture_v, runtime, attn.num_heads, attn.head_dim)))
+                patch.add_hook(
+                    attn.qkv.register_forward_hook(partial(_capture_v, runtime, attn.num_heads, attn.head_dim))
+                )
         if model.global_pool in ("avg", "avgmax"):
             patch.set_attr(model, "pool", partial(_weighted_pool, model, runtime))
         patch.add_hook(model.register_forward_hook(partial(_clear_state, runtime), always_call=True))

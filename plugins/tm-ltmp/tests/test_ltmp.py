@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tmcore
 import tm_ltmp
+import tmcore
 from tmcore import InvalidConfigError, NotAppliedError, TmcoreError
 from tmcore.testing import tiny_timm_models
 
@@ -130,7 +130,9 @@ def _synthetic_loader(batches=8, batch=8):
     data = []
     for _ in range(batches):
         cells = torch.nn.functional.interpolate(torch.randn(batch, 3, 4, 4, generator=gen), size=32, mode="nearest")
-        data.append((cells + torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 7, (batch,), generator=gen)))
+        data.append(
+            (cells + torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 7, (batch,), generator=gen))
+        )
     return data
 
 
@@ -219,9 +221,13 @@ def test_save_load_round_trips_thresholds_exactly(tmp_path):
 def test_load_refuses_a_thresholds_file_for_another_depth(tmp_path):
     deep = tmcore.apply(tiny_timm_models()["vit"](), "ltmp")
     tmcore.save(deep, tmp_path / "four.safetensors")
-    shallow = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3)
+    shallow = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3
+    )
     shallow = tmcore.apply(shallow, "tome", r=2)
-    with pytest.raises(InvalidConfigError, match=r"merge_threshold .*shape \(4,\).*this model has 3 blocks.*allowed shape \(3,\)"):
+    with pytest.raises(
+        InvalidConfigError, match=r"merge_threshold .*shape \(4,\).*this model has 3 blocks.*allowed shape \(3,\)"
+    ):
         tmcore.load(shallow, tmp_path / "four.safetensors")
     assert tmcore.get_patch(shallow).reducer.name == "tome", "a failed load must leave the model as it was"
     listed = tmcore.apply(tiny_timm_models()["vit"](), "ltmp", merge_threshold=[0.9, 0.9, 0.8, 0.8])
@@ -282,4 +288,3 @@ def test_any_thresholds_keep_batches_consistent_and_finite(merge, prune, mode):
         single = torch.cat([model(_X[i : i + 1]) for i in range(_X.shape[0])])
     assert torch.isfinite(batched).all()
     torch.testing.assert_close(batched, single, rtol=1e-9, atol=1e-9)
-

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-import tmcore
 import tm_ltmp
+import tmcore
 from tmcore.testing import tiny_timm_models
 
 TAU = 0.5
@@ -140,12 +140,12 @@ def reference_forward(model, images, mode, th_m, th_p, training):
     size = torch.ones_like(x[..., :1])
     mask = torch.ones_like(x[..., 0])
     masks = []
-    for l, blk in enumerate(model.blocks):
+    for layer, blk in enumerate(model.blocks):
         if training:
-            x, size, mask = train_block(blk, mode, x, size, mask, th_m[l], th_p[l])
+            x, size, mask = train_block(blk, mode, x, size, mask, th_m[layer], th_p[layer])
             masks.append(mask)
         else:
-            x, size = infer_block(blk, mode, x, size, th_m[l], th_p[l])
+            x, size = infer_block(blk, mode, x, size, th_m[layer], th_p[layer])
     return model.forward_head(model.norm(x)), masks
 
 

@@ -13,6 +13,14 @@ from tm_ltmp.reducer import DEFAULT_THRESHOLDS, LTMP, LTMPConfig
 
 __version__ = "0.1.0"
 __all__ = [
-    "DEFAULT_THRESHOLDS", "FitHistory", "LTMP", "LTMPConfig", "fit", "flops_penalty", "flops_ratio", "get_reducer",
-    "loss", "thresholds",
+    "DEFAULT_THRESHOLDS",
+    "FitHistory",
+    "LTMP",
+    "LTMPConfig",
+    "fit",
+    "flops_penalty",
+    "flops_ratio",
+    "get_reducer",
+    "loss",
+    "thresholds",
 ]

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 import tmcore
-from tmcore import InvalidConfigError, NotAppliedError
 from tm_ltmp.loss import flops_ratio, loss_parts
 from tm_ltmp.reducer import LTMP
+from tmcore import InvalidConfigError, NotAppliedError
 
 __all__ = ["fit", "FitHistory", "thresholds", "get_reducer"]
 
@@ -78,8 +79,13 @@ class _Progress:
         if not console.is_terminal:
             return
         self.bar = Progress(
-            TextColumn("ltmp fit"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.description}"), transient=False, console=console,
+            TextColumn("ltmp fit"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            transient=False,
+            console=console,
         )
         self.bar.start()
         self.task = self.bar.add_task("", total=total)
@@ -167,7 +173,9 @@ def fit(
     prune_lr, merge_lr = _lrs(lr)
     info = tmcore.get_patch(model).runtime.info
     if info.dim <= 0:
-        raise InvalidConfigError(f"fit: the {info.family!r} adapter does not report the embedding width (ModelInfo.dim)")
+        raise InvalidConfigError(
+            f"fit: the {info.family!r} adapter does not report the embedding width (ModelInfo.dim)"
+        )
     params = list(model.parameters())
     if device is None:
         device = params[0].device if params else torch.device("cpu")
@@ -215,7 +223,10 @@ def fit(
                 if isinstance(logits, (tuple, list)):
                     logits = logits[0]
                 if not trace.masks:
-                    raise RuntimeError("the forward ran without soft masks; is the model's adapter calling Runtime.enter(training=...)?")
+                    raise RuntimeError(
+                        "the forward ran without soft masks; "
+                        "is the model's adapter calling Runtime.enter(training=...)?"
+                    )
                 ratio = flops_ratio(trace.masks, trace.masks[0].shape[1], info.dim)
                 total_loss, ce = loss_parts(
                     logits.float(), labels, ratio, target, reg_scale, cls_scale, label_smoothing

@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from tm_ltmp.masks import best_match, concat_order, importance, output_order, output_position, threshold_mask
 from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
 from tmcore.plan import merge_weighted, pack, reduce
-from tm_ltmp.masks import best_match, concat_order, importance, output_order, output_position, threshold_mask
 
 __all__ = ["LTMP", "LTMPConfig", "DEFAULT_THRESHOLDS"]
 
@@ -152,7 +152,7 @@ class LTMP(BaseReducer):
                 param = getattr(self, name)
                 param.copy_(tensors[name].to(param))
 
-    def to(self, device: torch.device | str) -> "LTMP":
+    def to(self, device: torch.device | str) -> LTMP:
         """Move the thresholds to ``device`` in place: the same Parameter objects, so an
         optimiser built on them keeps working (build it after the move: its state, e.g.
         momentum, is created on the parameters' device at the first step)."""

@@ -13,13 +13,14 @@ count, so nothing here synchronises with the device.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from tmcore import Plan
 from tm_pitome.energy import elu_energy, energy_order, gaussian_energy, similarity
+from tmcore import Plan
 
 __all__ = [
     "Variant",
@@ -152,7 +153,9 @@ VARIANTS: dict[str, Callable[[Tensor, Tensor, int, int], Plan]] = {
 """Merge procedure by name; ``pitome_text`` also selects the Gaussian energy."""
 
 
-def energy_scores(metric: Tensor, margin: float, variant: Variant = "pitome", alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+def energy_scores(
+    metric: Tensor, margin: float, variant: Variant = "pitome", alpha: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """One layer's scores: the similarity and the energy order of the unprotected tokens.
 
     Args:

@@ -7,16 +7,16 @@ Defaults follow the original's patch for the model's family (see `PiToMe.setup`)
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar, NamedTuple, Union, get_args
+from typing import Annotated, Any, ClassVar, NamedTuple, get_args
 
 import torch
 from pydantic import Field, PlainSerializer, PlainValidator
 from torch import Tensor
 
+from tm_pitome.merge import VARIANTS, Variant, energy_scores, merge_count
 from tmcore import BaseReducer, InvalidConfigError, Plan, ReducerConfig, TokenState, merge_weighted
 from tmcore.plan import reduce
 from tmcore.state import LayerInputs
-from tm_pitome.merge import VARIANTS, Variant, energy_scores, merge_count
 
 __all__ = ["PiToMe", "PiToMeConfig", "TEXT_LAYERS"]
 
@@ -47,7 +47,7 @@ def _validate_ratio(value: Any) -> float | list[float]:
     raise ValueError(f"must be {_RATIO_ALLOWED}")
 
 
-Ratio = Annotated[Union[float, list[float]], PlainValidator(_validate_ratio)]
+Ratio = Annotated[float | list[float], PlainValidator(_validate_ratio)]
 
 # margin --------------------------------------------------------------------------------------
 
@@ -78,7 +78,7 @@ def _serialize_margin(value: Any) -> Any:
 
 
 Margin = Annotated[
-    Union[float, list[float], tuple[float, float]],
+    float | list[float] | tuple[float, float],
     PlainValidator(_validate_margin),
     PlainSerializer(_serialize_margin, when_used="json"),
 ]
@@ -86,8 +86,7 @@ Margin = Annotated[
 # variant -------------------------------------------------------------------------------------
 
 _VARIANT_ALLOWED = (
-    f"one of {', '.join(repr(v) for v in _VARIANT_NAMES)} (every block), or a list of those names, "
-    "one per block"
+    f"one of {', '.join(repr(v) for v in _VARIANT_NAMES)} (every block), or a list of those names, one per block"
 )
 
 
@@ -99,7 +98,7 @@ def _validate_variant(value: Any) -> str | list[str]:
     raise ValueError(f"must be {_VARIANT_ALLOWED}")
 
 
-VariantSchedule = Annotated[Union[str, list[str]], PlainValidator(_validate_variant)]
+VariantSchedule = Annotated[str | list[str], PlainValidator(_validate_variant)]
 
 
 def _validate_alpha(value: Any) -> float:

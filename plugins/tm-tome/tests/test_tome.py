@@ -37,7 +37,9 @@ def test_bad_r_is_refused_naming_field_value_and_allowed(vit, r, message):
 def test_missing_r_and_unknown_key(vit):
     with pytest.raises(InvalidConfigError, match="r is required"):
         tmcore.apply(vit, "tome")
-    with pytest.raises(InvalidConfigError, match=r"unknown config key 'ratio' \(value 0.9\).*Allowed keys: r \(") as err:
+    with pytest.raises(
+        InvalidConfigError, match=r"unknown config key 'ratio' \(value 0.9\).*Allowed keys: r \("
+    ) as err:
         tmcore.apply(vit, "tome", r=4, ratio=0.9)
     assert "prop_attn" in str(err.value)
 
@@ -64,7 +66,9 @@ def test_failed_replace_keeps_the_old_patch(vit):
 
 def test_model_no_adapter_handles():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(NoAdapterError, match=r"torch\.nn\.modules\.container\.Sequential.*timm \(tm-timm\): timm VisionTransformer"):
+    with pytest.raises(
+        NoAdapterError, match=r"torch\.nn\.modules\.container\.Sequential.*timm \(tm-timm\): timm VisionTransformer"
+    ):
         tmcore.apply(model, "tome", r=2)
     with pytest.raises(NoAdapterError, match="takes a torch.nn.Module"):
         tmcore.apply("vit", "tome", r=2)

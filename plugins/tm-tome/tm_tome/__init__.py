@@ -1,7 +1,7 @@
 """tm-tome: ToMe, Token Merging (Bolya et al., ICLR 2023), as a tmcore reducer.
 
-    tmcore.apply(model, "tome", r=13)            # 13 tokens merged in every block
-    tmcore.apply(model, "tome", r=(16, -1))      # the paper's decreasing schedule
+tmcore.apply(model, "tome", r=13)            # 13 tokens merged in every block
+tmcore.apply(model, "tome", r=(16, -1))      # the paper's decreasing schedule
 """
 
 from tm_tome.reducer import ToMe, ToMeConfig
