@@ -19,13 +19,16 @@ from tmcore.errors import (
     ScheduleClampWarning,
     TmcoreError,
     UnknownReducerError,
+    UnsupportedModelError,
 )
 from tmcore.hookspecs import hookimpl
 from tmcore.matching import bipartite_soft_matching
-from tmcore.plan import Plan, merge_weighted, reduce, unmerge
+from tmcore.plan import Plan, merge_tokens, merge_weighted, reduce, unmerge
 from tmcore.reducer import BaseReducer, ModelInfo, ReducerConfig, TokenReducer
-from tmcore.schedule import RSchedule, parse_r
-from tmcore.state import LayerInputs, Runtime, TokenState, Trace
+from tmcore.runtime import Runtime
+from tmcore.schedule import BipartiteSchedule, RSchedule, parse_r
+from tmcore.state import LayerInputs, TokenState
+from tmcore.tracing import Trace
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,7 @@ __all__ = [
     "Adapter",
     "AlreadyAppliedError",
     "BaseReducer",
+    "BipartiteSchedule",
     "IncompatibleVersionError",
     "InvalidConfigError",
     "LayerInputs",
@@ -52,12 +56,14 @@ __all__ = [
     "TokenState",
     "Trace",
     "UnknownReducerError",
+    "UnsupportedModelError",
     "adapters",
     "apply",
     "bipartite_soft_matching",
     "get_patch",
     "hookimpl",
     "load",
+    "merge_tokens",
     "merge_weighted",
     "models",
     "parse_r",

@@ -10,7 +10,7 @@ from torch import nn
 
 from tmcore.errors import IncompatibleVersionError
 from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
-from tmcore.state import Runtime
+from tmcore.runtime import Runtime
 
 __all__ = ["Adapter", "Patch", "version_tuple"]
 

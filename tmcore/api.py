@@ -11,10 +11,17 @@ from typing import Any
 from torch import nn
 
 from tmcore.adapter import Patch
-from tmcore.errors import AlreadyAppliedError, InvalidConfigError, NoAdapterError, NotAppliedError
+from tmcore.errors import (
+    AlreadyAppliedError,
+    InvalidConfigError,
+    NoAdapterError,
+    NotAppliedError,
+    UnsupportedModelError,
+)
 from tmcore.reducer import validate_config
 from tmcore.registry import PluginInfo, Registration, registry
-from tmcore.state import Runtime, Trace
+from tmcore.runtime import Runtime
+from tmcore.tracing import Trace
 
 __all__ = ["apply", "remove", "trace", "save", "load", "reducers", "adapters", "plugins", "get_patch"]
 
@@ -44,8 +51,8 @@ def apply(model: nn.Module, reducer: str, *, replace: bool = False, **config: An
         **config: the reducer's configuration, validated by its pydantic config model.
 
     Raises:
-        UnknownReducerError, InvalidConfigError, NoAdapterError, IncompatibleVersionError,
-        AlreadyAppliedError.
+        UnknownReducerError, InvalidConfigError, NoAdapterError, UnsupportedModelError,
+        IncompatibleVersionError, AlreadyAppliedError.
     """
     patch = _build(model, reducer, config, replace)
     _install(model, patch)
@@ -75,6 +82,13 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
             f"which adapter {adapter.name!r} cannot provide"
         )
     info = adapter.describe(model)
+    if getattr(reducer_cls, "requires_class_token", False) and not info.class_token:
+        others = sorted(n for n, r in registry.reducers.items() if not getattr(r.obj, "requires_class_token", False))
+        raise UnsupportedModelError(
+            f"reducer {reducer!r} weighs tokens by the class token's attention, but this "
+            f"{type(model).__name__} ({info.family}, {info.num_protected} prefix tokens, pool {info.pool!r}) "
+            f"has no class token; reducers that work without one: {', '.join(others) or 'none installed'}"
+        )
     instance = reducer_cls(cfg, info)
     return Patch(instance, adapter, Runtime(instance, info))
 

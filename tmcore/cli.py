@@ -38,6 +38,9 @@ def _split_top(text: str, sep: str) -> list[str]:
 
 
 def _value(text: str) -> Any:
+    """A Python literal, ``inf`` / ``-inf`` / ``nan`` (no literal spells them), or else the text."""
+    if text.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
+        return float(text)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -6,6 +6,7 @@ __all__ = [
     "TmcoreError",
     "UnknownReducerError",
     "NoAdapterError",
+    "UnsupportedModelError",
     "InvalidConfigError",
     "AlreadyAppliedError",
     "NotAppliedError",
@@ -29,6 +30,10 @@ class UnknownReducerError(TmcoreError, KeyError):
 
 class NoAdapterError(TmcoreError, TypeError):
     """No installed adapter can patch this model."""
+
+
+class UnsupportedModelError(TmcoreError, TypeError):
+    """An adapter handles the model, but the reducer cannot run on it (e.g. it needs a class token)."""
 
 
 class InvalidConfigError(TmcoreError, ValueError):

@@ -1,4 +1,5 @@
-"""Matching primitives shared by the ToMe family of reducers."""
+"""Decision primitives shared by reducers: ToMe's bipartite soft matching, and keeping the
+highest-scoring tokens (the pruning half of PPT, EViT-style top-k)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from tmcore.plan import Plan
 
-__all__ = ["bipartite_soft_matching", "max_bipartite_r"]
+__all__ = ["bipartite_soft_matching", "max_bipartite_r", "prune_lowest"]
 
 
 def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
@@ -74,3 +75,29 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
         )
         src_dst = dst_b - p_b + p + n_unm  # B token j sits in slot p + n_unm + (j - p_b)
     return Plan(keep=keep, src=src_a * 2, src_dst=src_dst, num_in=n)
+
+
+def prune_lowest(score: Tensor, r: int, num_protected: int = 0) -> Plan:
+    """Drop the ``r`` lowest-scoring unprotected tokens of every sample.
+
+    Output order: the protected prefix in place, then the kept tokens by descending score (the
+    order PPT's pruning and EViT's top-k produce); equal scores keep their positional order.
+
+    Args:
+        score: ``[B, N]`` per-token score (e.g. class attention); the prefix's entries are ignored.
+        r: tokens to drop, ``0 <= r <= N - num_protected``.
+        num_protected: ``p``, the length of the protected prefix.
+
+    Returns:
+        A Plan from ``N`` to ``N - r`` tokens that lists the dropped tokens (``src`` with
+        ``src_dst = -1``), so it has the shapes of `bipartite_soft_matching`'s plan for the
+        same ``r`` and `tmcore.plan.select` can mix the two per sample.
+    """
+    b, n = score.shape
+    p = num_protected
+    if not 0 <= r <= n - p:
+        raise ValueError(f"r={r} is outside [0, {n - p}] for {n} tokens, {p} protected")
+    with torch.no_grad():
+        order = score[:, p:].argsort(dim=-1, descending=True, stable=True) + p
+    prefix = torch.arange(p, device=score.device).expand(b, p)
+    return Plan.prune(torch.cat([prefix, order[:, : n - p - r]], dim=1), n, drop=order[:, n - p - r :])

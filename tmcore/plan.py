@@ -1,16 +1,27 @@
 """The Plan: one representation for every merge / prune decision, and the ops that apply it.
 
 A Plan maps ``N`` input tokens to ``M`` output tokens. Output slot ``j`` is seeded by input
-token ``keep[:, j]``; each input token ``src[:, k]`` is then folded into slot ``src_dst[:, k]``;
-an input token in neither set is pruned. The order of ``keep`` *is* the output order, which the
-published methods choose on purpose (ToMe's reshuffle), so it is part of the plan.
+token ``keep[:, j]``; each input token ``src[:, k]`` is then folded into slot ``src_dst[:, k]``,
+or dropped where ``src_dst[:, k] = -1``; an input token in neither set is pruned too. The order
+of ``keep`` *is* the output order, which the published methods choose on purpose (ToMe's
+reshuffle), so it is part of the plan.
+
+Merging averages each group's features with the plan's ``weight`` (a per-token importance, e.g.
+ToMeCIS's class-attention score) or, without one, with the token sizes (ToMe); sizes themselves
+are always summed, so proportional attention and pooling see how many inputs a token stands for.
+
+Mixed plans: every sample removes the same number of tokens, some samples by merging and others
+by dropping (PPT pools some images and prunes others). Dropped tokens are ``src`` entries with
+``src_dst = -1``, so a pruning plan has the same shapes as a merging plan that removes as many
+(`Plan.prune` with ``drop``), and `select` picks one of two such plans per sample: one
+fixed-shape plan, no padding mask, no host synchronisation.
 
 Ragged plans (adaptive methods such as LTMP, where every sample keeps a different number of
 tokens) carry ``valid`` ``[B, M]``, ``False`` on padding slots; ``M`` is the largest count in
 the batch and `pack` puts each sample's tokens first. Padding slots are seeded by a real token
 (token 0), so they hold finite values; the runtime masks them out of attention and pooling. A
-ragged plan may also mark unused ``src`` entries with ``src_dst = -1``, so that per-sample merge
-counts fit one ``[B, K]`` tensor.
+ragged plan uses ``src_dst = -1`` the same way, so that per-sample merge counts fit one
+``[B, K]`` tensor.
 
 Everything here is batched tensor code: gathers and one scatter per call, no Python loops over
 images or tokens, no host synchronisation (except `pack`, which must learn ``M``).
@@ -18,7 +29,7 @@ images or tokens, no host synchronisation (except `pack`, which must learn ``M``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -28,6 +39,8 @@ __all__ = [
     "Plan",
     "reduce",
     "merge_weighted",
+    "merge_tokens",
+    "select",
     "unmerge",
     "destinations",
     "compose_source",
@@ -45,11 +58,14 @@ class Plan:
 
     Attributes:
         keep: ``[B, M]`` long, the input token that seeds each output slot, in output order.
-        src: ``[B, K]`` long, input tokens merged into an existing slot (``K`` may be 0).
-        src_dst: ``[B, K]`` long, the output slot (``0 <= slot < M``) each ``src`` token joins.
+        src: ``[B, K]`` long, input tokens merged into an existing slot or dropped (``K`` may be 0).
+        src_dst: ``[B, K]`` long, the output slot (``0 <= slot < M``) each ``src`` token joins;
+            ``-1``: the token is dropped.
         num_in: ``N``, the number of input tokens.
         valid: ``[B, M]`` bool, ``False`` on padding slots of a ragged plan; ``None`` when every
             sample keeps all ``M`` slots (fixed-count plans, the fast path).
+        weight: ``[B, N, 1]`` positive weight of each input token in the average of its group
+            (`merge_tokens`); ``None``: the token sizes (size-weighted merging, ToMe).
     """
 
     keep: Tensor
@@ -57,16 +73,26 @@ class Plan:
     src_dst: Tensor
     num_in: int
     valid: Tensor | None = None
+    weight: Tensor | None = None
 
     @property
     def num_out(self) -> int:
         return self.keep.shape[1]
 
     @classmethod
-    def prune(cls, keep: Tensor, num_in: int, valid: Tensor | None = None) -> Plan:
-        """A plan that keeps ``keep`` ``[B, M]`` (in that order) and drops every other token."""
-        empty = keep.new_empty((keep.shape[0], 0))
-        return cls(keep=keep, src=empty, src_dst=empty, num_in=num_in, valid=valid)
+    def prune(cls, keep: Tensor, num_in: int, valid: Tensor | None = None, drop: Tensor | None = None) -> Plan:
+        """A plan that keeps ``keep`` ``[B, M]`` (in that order) and drops every other token.
+
+        ``drop`` ``[B, K]`` lists the dropped tokens explicitly (as ``src`` with ``src_dst = -1``):
+        the plan then has the shapes of a merging plan that removes ``K`` tokens, for `select`.
+        """
+        if drop is None:
+            drop = keep.new_empty((keep.shape[0], 0))
+        return cls(keep=keep, src=drop, src_dst=torch.full_like(drop, -1), num_in=num_in, valid=valid)
+
+    def with_weight(self, weight: Tensor | None) -> Plan:
+        """This plan, averaging merged groups with ``weight`` ``[B, N, 1]`` instead of sizes."""
+        return replace(self, weight=weight)
 
 
 def _rows(index: Tensor, channels: int) -> Tensor:
@@ -82,11 +108,12 @@ def _flat(index: Tensor, n: int) -> Tensor:
 
 def _layout(plan: Plan, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """Flat row indices ``(seed rows, src rows, their output rows)`` into ``[B * n, C]`` inputs
-    and ``[B * M (+ 1), C]`` outputs. A ragged plan's unused ``src`` entries (``src_dst < 0``)
-    all go to one spare output row ``B * M``, which the caller drops (works for every mode)."""
+    and ``[B * M (+ 1), C]`` outputs. Dropped ``src`` entries (``src_dst < 0``) all go to one
+    spare output row ``B * M``, which the caller cuts off (works for every mode). Whether a plan
+    drops anything is data, so the spare row is always there: two index ops, no host sync."""
     b, m = plan.keep.shape
     keep, src, dst = _flat(plan.keep, n), _flat(plan.src, n), _flat(plan.src_dst, m)
-    if plan.valid is not None and plan.src.shape[1]:
+    if plan.src.shape[1]:
         keep = torch.cat([keep, keep[:1]])
         dst = torch.where(plan.src_dst.flatten() < 0, b * m, dst)
     return keep, src, dst
@@ -149,6 +176,64 @@ def merge_weighted(x: Tensor, plan: Plan, weight: Tensor | None = None) -> tuple
     merged = rows.index_select(0, src).mul_(w_rows.index_select(0, src).to(x.dtype))
     out.index_add_(0, dst, merged)
     return out[: b * m].view(b, m, c).div_(total.to(x.dtype)), total
+
+
+def merge_tokens(x: Tensor, plan: Plan, size: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Apply ``plan`` to features and sizes: the default ``reduce`` of every reducer.
+
+    Each output token is the weighted mean of its group, with the plan's ``weight`` or, when it
+    has none, the token sizes (ToMe's ``merge_wavg``); its size is the group's summed size, so
+    ``sum(size)`` is conserved by merging and dropped tokens take their sizes with them.
+
+    Args:
+        x: ``[B, N, C]`` features.
+        plan: the Plan to apply.
+        size: ``[B, N, 1]`` token sizes, ``None`` for all ones (before the first reduction).
+
+    Returns:
+        ``([B, M, C] features, [B, M, 1] sizes)``.
+    """
+    if plan.weight is None:
+        return merge_weighted(x, plan, size)
+    merged, _ = merge_weighted(x, plan, plan.weight)
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    return merged, reduce(size, plan, "sum")
+
+
+def select(take_a: Tensor, a: Plan, b: Plan) -> Plan:
+    """Per sample, plan ``a`` where ``take_a`` else plan ``b``: one fixed-shape plan.
+
+    Args:
+        take_a: ``[B]`` bool.
+        a, b: plans with equal shapes (``num_in``, ``M`` and ``K``); for a pruning plan beside
+            a merging one, list the dropped tokens with ``Plan.prune(..., drop=...)``. Their
+            ``valid`` and ``weight`` must both be set or both be ``None``.
+
+    Returns:
+        A Plan whose sample ``i`` is sample ``i`` of ``a`` or of ``b`` (``torch.where``, no sync).
+    """
+    if a.num_in != b.num_in or a.keep.shape != b.keep.shape or a.src.shape != b.src.shape:
+        raise ValueError(
+            f"select needs plans of equal shapes, got N={a.num_in}, keep {tuple(a.keep.shape)}, "
+            f"src {tuple(a.src.shape)} and N={b.num_in}, keep {tuple(b.keep.shape)}, src {tuple(b.src.shape)}"
+        )
+
+    def pick(u: Tensor | None, v: Tensor | None, name: str) -> Tensor | None:
+        if u is None and v is None:
+            return None
+        if u is None or v is None:
+            raise ValueError(f"select: one plan has a {name} and the other has none")
+        return torch.where(take_a.view(-1, *([1] * (u.dim() - 1))), u, v)
+
+    return Plan(
+        keep=pick(a.keep, b.keep, "keep"),
+        src=pick(a.src, b.src, "src"),
+        src_dst=pick(a.src_dst, b.src_dst, "src_dst"),
+        num_in=a.num_in,
+        valid=pick(a.valid, b.valid, "valid"),
+        weight=pick(a.weight, b.weight, "weight"),
+    )
 
 
 def destinations(plan: Plan) -> Tensor:

@@ -8,13 +8,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from tmcore.errors import InvalidConfigError
-from tmcore.plan import Plan, merge_weighted, unmerge
-from tmcore.state import LayerInputs, TokenState
+from tmcore.plan import Plan, merge_tokens, unmerge
+from tmcore.state import INPUTS, LayerInputs, TokenState
 
 __all__ = ["ModelInfo", "ReducerConfig", "TokenReducer", "BaseReducer", "INPUTS", "validate_config"]
-
-INPUTS = frozenset({"keys", "cls_attn", "attn", "values"})
-"""Per-layer inputs a reducer may declare in ``requires`` (see `tmcore.state.LayerInputs`)."""
 
 
 class ModelInfo(BaseModel):
@@ -25,6 +22,8 @@ class ModelInfo(BaseModel):
         num_layers: blocks that reduce (``L``).
         num_tokens: tokens entering the first block at the model's default input size.
         num_protected: length of the protected prefix (class, distillation, register tokens).
+        class_token: position 0 is a class token (reducers that weigh tokens by the class
+            token's attention need one; a model pooled by averaging may have none).
         dim: embedding width ``C`` of the token stream (FLOP models use it); 0 if unknown.
         pool: how the head pools tokens: ``token``, ``avg``, ``max``, ``avgmax`` or ``""`` (none).
         mae: MAE-style self-supervised weights (ToMe and PiToMe change defaults for them).
@@ -37,6 +36,7 @@ class ModelInfo(BaseModel):
     num_layers: int
     num_tokens: int
     num_protected: int
+    class_token: bool = False
     dim: int = 0
     pool: str = "token"
     mae: bool = False
@@ -46,7 +46,9 @@ class ModelInfo(BaseModel):
 class ReducerConfig(BaseModel):
     """Base of every reducer's config: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf is a meaningful value (PPT's threshold); JSON keeps it as Infinity, not null, so save / load
+    # round-trips it
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 @runtime_checkable
@@ -54,8 +56,11 @@ class TokenReducer(Protocol):
     """A token-reduction method: ``score`` -> ``match`` (a Plan) -> ``reduce`` (+ ``unmerge``).
 
     Class attributes: ``name`` (registry name), ``config_model`` (a `ReducerConfig` subclass),
-    ``requires`` (subset of `INPUTS` the adapter must compute). Instances are built once per
-    ``tmcore.apply`` from a validated config and the `ModelInfo`, and hold no per-forward state.
+    ``requires`` (subset of `INPUTS` the adapter must be able to compute), ``requires_class_token``
+    (refuse models without one). Instances are built once per ``tmcore.apply`` from a validated
+    config and the `ModelInfo`, and hold no per-forward state. ``needs(layer)`` says what block
+    ``layer`` reads (a subset of ``requires``; empty where the reducer does nothing there), asked
+    once per block when the model is patched, so the adapter captures and computes only that.
 
     Optional: ``soft_step(layer, x, inputs, state) -> x``. A reducer that defines it is trained
     with soft masks: in training mode nothing is removed; the runtime keeps a straight-through
@@ -69,9 +74,12 @@ class TokenReducer(Protocol):
     name: ClassVar[str]
     config_model: ClassVar[type[ReducerConfig]]
     requires: ClassVar[frozenset[str]]
+    requires_class_token: ClassVar[bool]
     config: ReducerConfig
     info: ModelInfo
     prop_attn: bool
+
+    def needs(self, layer: int) -> frozenset[str]: ...
 
     def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Any: ...
 
@@ -83,16 +91,19 @@ class TokenReducer(Protocol):
 
 
 class BaseReducer:
-    """Defaults for the four steps: keys as scores, size-weighted merging, gather unmerge.
+    """Defaults for the four steps: keys as scores, merging weighted by the plan's weight or the
+    sizes (`tmcore.plan.merge_tokens`), gather unmerge; every input in every block.
 
     Subclasses set ``name``, ``config_model`` and ``requires``, write `match` (and `score` when
-    the method scores something other than head-mean keys), and resolve config defaults that
-    depend on the model in `setup`.
+    the method scores something other than head-mean keys), resolve config defaults that depend
+    on the model in `setup`, and narrow `needs` when some blocks read less (or nothing).
     """
 
     name: ClassVar[str]
     config_model: ClassVar[type[ReducerConfig]] = ReducerConfig
     requires: ClassVar[frozenset[str]] = frozenset({"keys"})
+    requires_class_token: ClassVar[bool] = False
+    """Refuse models without a class token (`UnsupportedModelError` at apply time)."""
     description: ClassVar[str] = ""
     identity_config: ClassVar[dict[str, Any] | None] = None
     """A config under which the reducer changes nothing (conformance tests check it)."""
@@ -111,15 +122,21 @@ class BaseReducer:
     def setup(self) -> None:
         """Resolve model-dependent defaults and precompute schedules; raise on impossible configs."""
 
+    def needs(self, layer: int) -> frozenset[str]:
+        """What block ``layer`` reads from its attention (default: all of ``requires``)."""
+        return self.requires
+
     def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Any:
-        return inputs.keys
+        """Head-mean keys ``[B, N, d]`` where the block needs them, else ``None``."""
+        return inputs.keys if "keys" in inputs.needs else None
 
     def match(self, layer: int, scores: Any, state: TokenState) -> Plan | None:
         raise NotImplementedError
 
     def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]:
-        """Size-weighted average of each merged group; returns ``(x, new size)``."""
-        return merge_weighted(x, plan, state.size)
+        """Average of each merged group weighted by ``plan.weight`` (sizes when ``None``), sizes
+        summed; returns ``(x, new size)``."""
+        return merge_tokens(x, plan, state.size)
 
     def unmerge(self, y: Tensor, plan: Plan) -> Tensor:
         return unmerge(y, plan)

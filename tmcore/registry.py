@@ -207,7 +207,7 @@ def _check_registration(kind: str, obj: Any, dist: str) -> None:
         requires = getattr(obj, "requires", None)
         if not isinstance(requires, frozenset) or not requires <= INPUTS:
             raise bad(f"`requires` must be a frozenset of {sorted(INPUTS)}, got {requires!r}")
-        for method in ("score", "match", "reduce", "unmerge"):
+        for method in ("needs", "score", "match", "reduce", "unmerge"):
             if not callable(getattr(obj, method, None)):
                 raise bad(f"missing method {method}()")
     else:

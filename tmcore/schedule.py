@@ -11,7 +11,7 @@ from pydantic import PlainSerializer, PlainValidator
 from tmcore.errors import InvalidConfigError, ScheduleClampWarning
 from tmcore.matching import max_bipartite_r
 
-__all__ = ["RSchedule", "parse_r", "clamped_r", "clamped_r_cached", "token_counts"]
+__all__ = ["RSchedule", "BipartiteSchedule", "parse_r", "clamped_r", "clamped_r_cached", "token_counts"]
 
 RValue = int | list[int] | tuple[int, float]
 
@@ -122,3 +122,32 @@ def token_counts(r_list: list[int] | tuple[int, ...], num_tokens: int) -> list[i
     for r in r_list:
         counts.append(counts[-1] - r)
     return counts
+
+
+class BipartiteSchedule:
+    """Per-block ``r`` for bipartite matching, each capped at half of its block's unprotected
+    tokens: for the model's own input length once at apply time (warning there, at the user's
+    ``tmcore.apply`` call), for any other length once per length (`clamped_r_cached`).
+
+    Args:
+        r_list: the requested ``r`` of every block (e.g. from `parse_r`).
+        num_tokens: tokens entering the first block at the model's default input size.
+        num_protected: length of the protected prefix.
+        stacklevel: as in `warnings.warn`, counted from the caller of this constructor.
+    """
+
+    def __init__(self, r_list: list[int] | tuple[int, ...], num_tokens: int, num_protected: int, stacklevel: int = 2):
+        self.r_list = tuple(r_list)
+        self.num_tokens = num_tokens
+        self.num_protected = num_protected
+        self.default = clamped_r(self.r_list, num_tokens, num_protected, stacklevel=stacklevel + 1)
+
+    def __call__(self, num_tokens: int) -> tuple[int, ...]:
+        """Per-block ``r`` after the cap, for ``num_tokens`` entering the first block."""
+        if num_tokens == self.num_tokens:
+            return self.default
+        return clamped_r_cached(self.r_list, num_tokens, self.num_protected)
+
+    def active(self, layer: int) -> bool:
+        """Whether block ``layer`` may reduce at all (``r > 0`` requested there)."""
+        return self.r_list[layer] > 0

@@ -9,6 +9,6 @@ A third-party reducer gets the core's checks by subclassing the suite in its own
 """
 
 from tmcore.testing.conformance import ReducerConformance, tiny_timm_models
-from tmcore.testing.strategies import matching_cases
+from tmcore.testing.strategies import matching_cases, mixed_cases
 
-__all__ = ["ReducerConformance", "matching_cases", "tiny_timm_models"]
+__all__ = ["ReducerConformance", "matching_cases", "mixed_cases", "tiny_timm_models"]

@@ -59,9 +59,10 @@ class ReducerConformance:
     Checks, for every tiny model: the identity config is exact (also in training mode);
     `tmcore.remove` restores bit-identical outputs; protected tokens stay in front; every kept
     token stands for at least one input token and no input token lands on padding (adaptive
-    reducers whose per-sample counts differ); every input token lands in exactly one output
-    token and sizes are conserved (merge-only reducers); a batch equals its samples run one by
-    one; gradients flow in training mode.
+    reducers whose per-sample counts differ); fixed-shape plans report int token counts; every
+    input token lands in exactly one output token and sizes are conserved (merge-only
+    reducers); a batch equals its samples run one by one; gradients flow in training mode. A
+    reducer with ``requires_class_token`` is refused on models without one.
     """
 
     reducer: str = ""
@@ -69,7 +70,19 @@ class ReducerConformance:
 
     @pytest.fixture(params=sorted(tiny_timm_models()))
     def model(self, request: pytest.FixtureRequest) -> nn.Module:
-        return tiny_timm_models()[request.param]()
+        """Each tiny model; one a reducer cannot run on (``requires_class_token`` on a model
+        without a class token) must be refused with `UnsupportedModelError` (checked here),
+        and the tests that need a patched model are then skipped."""
+        model = tiny_timm_models()[request.param]()
+        if getattr(self._cls(), "requires_class_token", False):
+            from tmcore.registry import registry
+
+            if not registry.find_adapter(model).obj().describe(model).class_token:
+                with pytest.raises(tmcore.UnsupportedModelError, match="no class token"):
+                    tmcore.apply(model, self.reducer, **self._configs()[0])
+                assert tmcore.get_patch(model) is None
+                pytest.skip(f"{self.reducer} needs a class token; {request.param} has none (refusal checked)")
+        return model
 
     def _cls(self) -> Any:
         return next(r.obj for r in tmcore.reducers() if r.name == self.reducer)
@@ -134,6 +147,8 @@ class ReducerConformance:
             assert t.source.shape == (x.shape[0], n0)
             assert torch.equal(t.source[:, :p], torch.arange(p).expand(x.shape[0], p)), "protected tokens moved"
             assert ((t.source >= -1) & (t.source < m)).all()
+            if t.valid is None:  # fixed-shape plans (merging, dropping or both): counts are ints
+                assert all(isinstance(c, int) for c in t.token_counts), t.token_counts
             valid = t.valid if t.valid is not None else torch.ones(b, m, dtype=torch.bool)
             final = t.token_counts[-1]
             assert torch.equal(valid.sum(1), final if isinstance(final, torch.Tensor) else torch.full((b,), final))

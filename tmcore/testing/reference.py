@@ -9,15 +9,56 @@ its method's ``merge`` closure from the spec and runs it through `vit_forward`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["merge_wavg", "vit_forward"]
+__all__ = ["bipartite_soft_matching", "merge_wavg", "vit_forward"]
 
 Merge = Callable[..., Tensor]
 """``merge(x [B, N, C], mode="sum") -> [B, N - r, C]``, the seeds' closure over one layer's indices."""
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool, distill_token: bool) -> Merge:
+    """ToMe's bipartite soft matching (ALGORITHMS.md 1.3) in the seeds' structure, shared by the
+    ToMe, ToMeCIS and PPT references (all three seeds copy ToMe's ``merge.py``): indices computed
+    once under ``no_grad``, applied to anything by the returned ``merge(x, mode)``.
+
+    ``r`` is clamped to half of the unprotected tokens; ``r <= 0`` returns the identity. Ties
+    are broken by a stable sort (the one deliberate difference from the seeds, as in tmcore).
+    """
+    protected = int(class_token) + int(distill_token)
+    r = min(r, (metric.shape[1] - protected) // 2)
+    if r <= 0:
+        return lambda x, mode="sum": x
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        if class_token:
+            scores[..., 0, :] = -math.inf
+        if distill_token:
+            scores[..., :, 0] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+        unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if class_token:
+            unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x, mode="sum"):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
 
 
 def merge_wavg(merge: Merge, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -39,8 +80,9 @@ def merge_wavg(merge: Merge, x: Tensor, size: Tensor | None) -> tuple[Tensor, Te
 def vit_forward(
     model: nn.Module,
     images: Tensor,
-    reduce: Callable[[int, Tensor, Tensor | None, Tensor], tuple[Tensor, Tensor | None]],
+    reduce: Callable[..., tuple[Tensor, Tensor | None]],
     prop_attn: bool = False,
+    attention: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """The seeds' patched forward of a timm ``VisionTransformer`` (no LayerScale, no QK-norm).
 
@@ -48,8 +90,11 @@ def vit_forward(
         model: the unpatched timm model.
         images: ``[B, 3, H, W]``.
         reduce: ``reduce(layer, x, size, keys) -> (x, size)`` after each block's attention, with
-            ``keys`` ``[B, H, N, d]`` as the attention used them.
+            ``keys`` ``[B, H, N, d]`` as the attention used them; with ``attention``,
+            ``reduce(layer, x, size, keys, attn, values)`` with the probabilities ``attn``
+            ``[B, H, N, N]`` (bias included) and ``values`` ``[B, H, N, d]`` too.
         prop_attn: add ``log(size)`` to the attention logits once sizes exist.
+        attention: also hand the attention probabilities and values to ``reduce``.
 
     Returns:
         ``(tokens [B, M, C] after the final norm, size [B, M, 1] or None)``.
@@ -64,8 +109,9 @@ def vit_forward(
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if prop_attn and size is not None:
             logits = logits + size.log()[:, None, None, :, 0]
-        y = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        probs = logits.softmax(dim=-1)
+        y = (probs @ v).transpose(1, 2).reshape(b, n, c)
         x = x + attn.proj(y)
-        x, size = reduce(i, x, size, k)
+        x, size = reduce(i, x, size, k, probs, v) if attention else reduce(i, x, size, k)
         x = x + blk.mlp(blk.norm2(x))
     return model.norm(x), size

@@ -51,3 +51,27 @@ def matching_cases(
     x = torch.randn(b, n, c, generator=gen, dtype=torch.float64)
     size = torch.randint(1, 5, (b, n, 1), generator=gen).to(torch.float64)
     return MatchingCase(metric=metric, x=x, size=size, r=r, num_protected=p)
+
+
+@dataclass
+class MixedCase:
+    """A fixed-shape mixed problem: every sample removes ``r`` tokens, by bipartite merging where
+    ``take_merge`` ``[B]`` is set and by dropping its ``r`` lowest-``score`` ``[B, N]`` tokens
+    elsewhere; ``weight`` ``[B, N, 1]`` is a positive per-token merge weight."""
+
+    case: MatchingCase
+    score: torch.Tensor
+    take_merge: torch.Tensor
+    weight: torch.Tensor
+
+
+@st.composite
+def mixed_cases(draw: st.DrawFn, max_batch: int = 4, max_tokens: int = 40, max_protected: int = 5) -> MixedCase:
+    """`matching_cases` plus per-sample merge / drop choices, tie-free drop scores and weights."""
+    case = draw(matching_cases(max_batch=max_batch, max_tokens=max_tokens, max_protected=max_protected))
+    b, n = case.metric.shape[:2]
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    score = torch.rand(b, n, generator=gen, dtype=torch.float64)
+    take = torch.tensor(draw(st.lists(st.booleans(), min_size=b, max_size=b)))
+    weight = torch.rand(b, n, 1, generator=gen, dtype=torch.float64) + 0.1
+    return MixedCase(case=case, score=score, take_merge=take, weight=weight)

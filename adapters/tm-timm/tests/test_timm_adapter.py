@@ -325,3 +325,46 @@ def test_fused_attention_unless_the_reducer_reads_the_probabilities(reducer, con
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     assert len(calls) == (len(model.blocks) if fused else 0)
+
+
+def test_per_block_needs_decide_hooks_and_explicit_attention(monkeypatch):
+    """A block captures and computes only what the reducer's ``needs(layer)`` names: no hooks
+    where it needs nothing, fused attention wherever it does not read the full matrix."""
+    from tmcore import BaseReducer
+    from tmcore.registry import Registration, registry
+
+    per_block = [frozenset(), frozenset({"keys"}), frozenset({"keys", "attn"}), frozenset({"cls_attn", "values"})]
+    seen = {}
+
+    class PerBlock(BaseReducer):
+        name = "per_block"
+        requires = frozenset({"keys", "cls_attn", "attn", "values"})
+
+        def needs(self, layer):
+            return per_block[layer]
+
+        def score(self, layer, inputs, state):
+            seen[layer] = {name: getattr(inputs, name).shape for name in sorted(inputs.needs)}
+
+        def match(self, layer, scores, state):
+            return None
+
+    registry.ensure_loaded()
+    monkeypatch.setitem(registry.reducers, "per_block", Registration("per_block", PerBlock, "tests", "0"))
+    model = tmcore.apply(tiny_timm_models()["vit"](), "per_block")
+    hooked = [
+        {name for name in ("qkv", "q_norm", "k_norm") if getattr(blk.attn, name)._forward_hooks} for blk in model.blocks
+    ]
+    assert hooked == [set(), {"k_norm"}, {"k_norm", "q_norm"}, {"k_norm", "q_norm", "qkv"}]
+    fused = []
+    for i, blk in enumerate(model.blocks):
+        blk.attn.register_forward_hook(lambda m, a, out, i=i: fused.append(i))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    assert fused == [0, 1, 3], "only the block that reads the full attention computes it explicitly"
+    assert seen == {
+        0: {},
+        1: {"keys": (2, 65, 16)},
+        2: {"attn": (2, 3, 65, 65), "keys": (2, 65, 16)},
+        3: {"cls_attn": (2, 3, 65), "values": (2, 3, 65, 16)},
+    }

@@ -162,6 +162,7 @@ class TimmViT(Adapter):
             num_layers=len(model.blocks),
             num_tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
             num_protected=model.num_prefix_tokens,
+            class_token=model.cls_token is not None,
             dim=model.embed_dim,
             pool="map" if model.attn_pool is not None else model.global_pool,
             mae="mae" in tag.split("_"),
@@ -192,8 +193,8 @@ class TimmViT(Adapter):
     def patch(self, model: nn.Module, patch: Patch) -> None:
         self._check(model)
         runtime = patch.runtime
-        needs = patch.reducer.requires
         for i, blk in enumerate(model.blocks):
+            needs = runtime.layer_needs[i]  # blocks that need nothing keep fused attention and get no hooks
             patch.set_attr(blk, "forward", partial(_block_forward, blk, runtime, i, "attn" in needs))
             attn = blk.attn
             if needs & {"keys", "cls_attn", "attn"}:

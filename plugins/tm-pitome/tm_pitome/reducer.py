@@ -14,8 +14,7 @@ from pydantic import Field, PlainSerializer, PlainValidator
 from torch import Tensor
 
 from tm_pitome.merge import VARIANTS, Variant, energy_scores, merge_count
-from tmcore import BaseReducer, InvalidConfigError, Plan, ReducerConfig, TokenState, merge_weighted
-from tmcore.plan import reduce
+from tmcore import BaseReducer, InvalidConfigError, Plan, ReducerConfig, TokenState
 from tmcore.state import LayerInputs
 
 __all__ = ["PiToMe", "PiToMeConfig", "TEXT_LAYERS"]
@@ -238,6 +237,9 @@ class PiToMe(BaseReducer):
             counts.append(counts[-1] - (merge_count(t, ratio) if ratio < 1.0 else 0))
         return counts
 
+    def needs(self, layer: int) -> frozenset[str]:
+        return self.requires if self.ratios[layer] < 1.0 else frozenset()
+
     def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> _Scores | None:
         ratio = self.ratios[layer]
         if ratio >= 1.0:
@@ -254,13 +256,10 @@ class PiToMe(BaseReducer):
         if scores is None:
             return None
         with torch.no_grad():
-            return VARIANTS[self.variants[layer]](scores.sim, scores.order, scores.r, state.num_protected)
-
-    def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]:
+            plan = VARIANTS[self.variants[layer]](scores.sim, scores.order, scores.r, state.num_protected)
         if self.size_weighted:
-            return merge_weighted(x, plan, state.size)
+            return plan
         # Plain mean of each group as in the original's text patches; the sizes are still carried
         # (summed) so that pooling, tracing and proportional attention see the true counts.
-        merged, _ = merge_weighted(x, plan, None)
-        size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
-        return merged, reduce(size, plan, "sum")
+        b, n = scores.sim.shape[0], plan.num_in
+        return plan.with_weight(scores.sim.new_ones(b, n, 1))

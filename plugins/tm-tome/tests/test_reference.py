@@ -4,8 +4,6 @@ with ``+ log(size)``). Tie-breaking is the one deliberate difference: both sort 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,40 +11,8 @@ from hypothesis import strategies as st
 
 import tmcore
 from tmcore.testing import matching_cases
+from tmcore.testing.reference import bipartite_soft_matching as reference_bsm
 from tmcore.testing.reference import merge_wavg, vit_forward
-
-
-def reference_bsm(metric, r, class_token, distill_token):
-    protected = int(class_token) + int(distill_token)
-    r = min(r, (metric.shape[1] - protected) // 2)
-    if r <= 0:
-        return lambda x, mode="sum": x
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        scores = a @ b.transpose(-1, -2)
-        if class_token:
-            scores[..., 0, :] = -math.inf
-        if distill_token:
-            scores[..., :, 0] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
-        unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-        if class_token:
-            unm_idx = unm_idx.sort(dim=1)[0]
-
-    def merge(x, mode="sum"):
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        n, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-        if distill_token:
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-        return torch.cat([unm, dst], dim=1)
-
-    return merge
 
 
 def reference_tome_forward(model, images, r_list, prop_attn=True):

@@ -8,8 +8,8 @@ from typing import ClassVar
 from pydantic import Field
 from torch import Tensor
 
-from tmcore import BaseReducer, Plan, ReducerConfig, RSchedule, TokenState, bipartite_soft_matching
-from tmcore.schedule import clamped_r, clamped_r_cached, parse_r
+from tmcore import BaseReducer, BipartiteSchedule, Plan, ReducerConfig, RSchedule, TokenState, bipartite_soft_matching
+from tmcore.schedule import parse_r
 
 
 class ToMeConfig(ReducerConfig):
@@ -43,17 +43,16 @@ class ToMe(BaseReducer):
         cfg, info = self.config, self.info
         # The original defaults to proportional attention except for off-the-shelf MAE models.
         self.prop_attn = (not info.mae) if cfg.prop_attn is None else cfg.prop_attn
-        self.r_list = tuple(parse_r(info.num_layers, cfg.r))
-        # stacklevel 4: the warning points at the user's tmcore.apply call
-        self._default = clamped_r(self.r_list, info.num_tokens, info.num_protected, stacklevel=4)
+        # stacklevel 5 (setup, BaseReducer.__init__, _build, apply, the caller): the warning points
+        # at the user's tmcore.apply call
+        self.schedule = BipartiteSchedule(
+            parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected, stacklevel=5
+        )
 
-    def schedule(self, num_tokens: int) -> tuple[int, ...]:
-        """Per-block ``r`` after the 50 % cap, for ``num_tokens`` entering the first block."""
-        if num_tokens == self.info.num_tokens:
-            return self._default
-        return clamped_r_cached(self.r_list, num_tokens, self.info.num_protected)
+    def needs(self, layer: int) -> frozenset[str]:
+        return self.requires if self.schedule.active(layer) else frozenset()
 
-    def match(self, layer: int, scores: Tensor, state: TokenState) -> Plan | None:
+    def match(self, layer: int, scores: Tensor | None, state: TokenState) -> Plan | None:
         r = self.schedule(state.num_input)[layer]
         if r == 0:
             return None
