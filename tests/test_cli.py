@@ -9,6 +9,7 @@ import torch
 
 from tmcore.bench import Setting, compare, variants, vit_macs
 from tmcore.cli import CliError, main, parse_reducer_spec
+from tmcore.registry import registry
 
 pytest.importorskip("timm")
 
@@ -40,6 +41,7 @@ def test_every_command_has_help(command, capsys):
         (["bench", "--model", "timm:test_vit", "--reducer", "tome:r"], "'r' is not KEY=VALUE"),
         (["bench", "--model", "timm:test_vit", "--reducer", "tome:r=-2"], "r=-2: must be an int >= 0"),
         (["bench", "--model", "timm:test_vit", "--reducer", "tomecis:r=8"], "pip install tm-tomecis"),
+        (["bench", "--model", "timm:test_vit", "--reducer", "ppt:threshold=nan"], "threshold=nan: must be a number"),
         (["eval", "--model", "timm:nope"], "timm has no model 'nope'"),
         (["eval", "--model", "timm:test_vit"], "--data is required"),
         (["eval", "--model", "timm:test_vit", "--data", "/no/such/dir"], "not a directory"),
@@ -56,7 +58,9 @@ def test_every_command_has_help(command, capsys):
         (["visualize", "README.md", "--model", "timm:nope"], "timm has no model 'nope'"),
     ],
 )
-def test_bad_arguments_fail_with_a_clear_message(argv, message, capsys):
+def test_bad_arguments_fail_with_a_clear_message(argv, message, capsys, monkeypatch):
+    registry.ensure_loaded()
+    monkeypatch.delitem(registry.reducers, "tomecis")  # as if tm-tomecis were not installed
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tmcore {argv[0]}: error:") and message in err, err

@@ -125,7 +125,9 @@ def test_env_selects_and_disables_distributions(site, monkeypatch):
     assert "tome" in {r.name for r in tmcore.reducers()}
 
 
-def test_unknown_reducer_lists_installed_and_pip_name():
+def test_unknown_reducer_lists_installed_and_pip_name(monkeypatch):
+    registry.ensure_loaded()
+    monkeypatch.delitem(registry.reducers, "tomecis")  # as if tm-tomecis were not installed
     with pytest.raises(UnknownReducerError) as err:
         tmcore.apply(object(), "tomecis", k=2)
     msg = str(err.value)

@@ -1,0 +1,201 @@
+"""PPT (ALGORITHMS.md section 6): at a few chosen blocks every image removes ``r`` tokens, either
+by pooling (ToMe's bipartite merging, sizes summed) or by pruning (keeping its most significant
+tokens), whichever its significance scores call for: evenly spread attention (low variance) means
+duplicated content, so pool; a few dominant tokens (high variance) mean inattentive ones, so prune.
+
+Both branches are planned for the whole batch and one is picked per image with
+`tmcore.plan.select`: one fixed-shape plan, no host synchronisation, no sub-batches. The method is
+`significance` and `PPT.match`; matching, pruning order and merging are tmcore's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PlainValidator, StrictBool, model_validator
+from torch import Tensor
+
+from tmcore import (
+    BaseReducer,
+    BipartiteSchedule,
+    InvalidConfigError,
+    LayerInputs,
+    Plan,
+    ReducerConfig,
+    TokenState,
+    bipartite_soft_matching,
+)
+from tmcore.matching import prune_lowest
+from tmcore.plan import select
+
+__all__ = ["PPT", "PPTConfig", "significance"]
+
+
+def significance(cls_attn: Tensor, values: Tensor, num_protected: int) -> Tensor:
+    """ATS significance of the unprotected tokens, normalised to sum 1 per image (6.2).
+
+    Args:
+        cls_attn: ``[B, H, N]`` the class token's attention row per head (bias included).
+        values: ``[B, H, N, d]`` the attention's values.
+        num_protected: ``p``, the length of the protected prefix (left out).
+
+    Returns:
+        ``[B, N - p]``: class attention summed over heads x L2 norm of the value vector over all
+        heads (``C``-dim), divided by its sum over the unprotected tokens.
+    """
+    score = cls_attn[:, :, num_protected:].sum(dim=1) * torch.linalg.vector_norm(
+        values[:, :, num_protected:], dim=(1, 3)
+    )
+    return score / score.sum(dim=-1, keepdim=True)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_r(value: Any) -> int | list[int]:
+    if _is_int(value) and value >= 0:
+        return value
+    if isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
+        return list(value)
+    raise ValueError(
+        "must be an int >= 0 (tokens each listed block removes), or a list of such ints, one per entry of `layers`"
+    )
+
+
+def _validate_layers(value: Any) -> list[int]:
+    if isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 0 for v in value):
+        if len(set(value)) != len(value):
+            dup = sorted({v for v in value if list(value).count(v) > 1})
+            raise ValueError(f"lists block {dup} more than once; allowed: distinct 0-based block indices")
+        return list(value)
+    raise ValueError("must be a list of distinct 0-based block indices (ints >= 0), e.g. [3, 6, 9]")
+
+
+def _validate_threshold(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        return float(value)
+    raise ValueError(
+        "must be a number (not NaN): images whose significance variance is below it pool, the others "
+        "prune; inf: every image pools, 0 or -inf: every image prunes"
+    )
+
+
+class PPTConfig(ReducerConfig):
+    r: Annotated[int | list[int], PlainValidator(_validate_r)] = Field(
+        default=50, description="tokens removed at each listed block: int >= 0, or one int per entry of layers"
+    )
+    layers: Annotated[list[int], PlainValidator(_validate_layers)] = Field(
+        default_factory=lambda: [3, 6, 9],
+        description="0-based indices of the blocks that reduce, distinct, each below the model's block count",
+    )
+    threshold: Annotated[float, PlainValidator(_validate_threshold)] = Field(
+        default=7e-5,
+        description="significance-variance threshold: below it an image pools, else it prunes; "
+        "inf: always pool, 0 or -inf: always prune; not NaN",
+    )
+    prop_attn: StrictBool = Field(
+        default=True,
+        description="proportional attention (+log(size) on attention logits) and size-weighted pooling, "
+        "on as in the original; off: plain means",
+    )
+
+    @model_validator(mode="after")
+    def _r_per_layer(self) -> PPTConfig:
+        if isinstance(self.r, list) and len(self.r) != len(self.layers):
+            raise ValueError(
+                f"r={self.r!r} has {len(self.r)} entries but layers={self.layers!r} has {len(self.layers)}; "
+                "give one r per listed block, or a single int"
+            )
+        return self
+
+
+class _Scores(NamedTuple):
+    keys: Tensor | None  # [B, N, d] head-mean keys (pooling), None where no image can pool
+    significance: Tensor | None  # [B, N - p] (pruning and the choice), None where every image pools
+
+
+class PPT(BaseReducer):
+    """Token Pruning and Pooling. At each listed block, after attention, every image removes
+    ``r`` tokens (capped at half of its unprotected tokens, with a `ScheduleClampWarning`):
+    images whose significance scores vary less than ``threshold`` pool them (bipartite soft
+    matching, size-weighted, output in ToMe's order), the others prune them (keeping the
+    protected prefix, then the most significant tokens in descending order). Needs a class token.
+    """
+
+    name: ClassVar[str] = "ppt"
+    config_model = PPTConfig
+    requires = frozenset({"keys", "cls_attn", "values"})
+    requires_class_token = True
+    merge_only = False
+    description = "PPT: per-image token pooling or pruning by significance variance (Wu et al., 2023)"
+    identity_config = {"layers": []}  # r=0 would keep the default layers, which need 10 blocks
+    # The defaults (r=50 at blocks 3, 6, 9) are for 12-block ViTs; these fit any model with 4 or
+    # more blocks: a mixed, an all-pooling and an all-pruning setting on random-init models.
+    example_configs = (
+        {"r": 8, "layers": [0, 2], "threshold": 1e-3},
+        {"r": 8, "layers": [1, 3], "threshold": math.inf},
+        {"r": 6, "layers": [0, 1, 2, 3], "threshold": 0.0},
+    )
+
+    config: PPTConfig
+
+    def setup(self) -> None:
+        cfg, info = self.config, self.info
+        bad = [layer for layer in cfg.layers if layer >= info.num_layers]
+        if bad:
+            raise InvalidConfigError(
+                f"invalid config for reducer 'ppt': layers={cfg.layers!r}: block(s) {bad} out of range for a "
+                f"model with {info.num_layers} blocks; allowed: 0 to {info.num_layers - 1}"
+            )
+        self.prop_attn = cfg.prop_attn
+        r_at = dict(zip(cfg.layers, cfg.r if isinstance(cfg.r, list) else [cfg.r] * len(cfg.layers)))
+        # stacklevel 5 (setup, BaseReducer.__init__, _build, apply, the caller): the user's apply call
+        self.schedule = BipartiteSchedule(
+            [r_at.get(layer, 0) for layer in range(info.num_layers)], info.num_tokens, info.num_protected, stacklevel=5
+        )
+        # Variances are >= 0: at inf every image pools, at <= 0 every image prunes, so the
+        # branch that can never be taken is neither planned nor fed.
+        self.pool_only = cfg.threshold == math.inf
+        self.prune_only = cfg.threshold <= 0
+
+    def needs(self, layer: int) -> frozenset[str]:
+        if not self.schedule.active(layer):
+            return frozenset()
+        if self.pool_only:
+            return frozenset({"keys"})
+        if self.prune_only:
+            return frozenset({"cls_attn", "values"})
+        return self.requires
+
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> _Scores | None:
+        if not inputs.needs:
+            return None
+        keys = None if self.prune_only else inputs.keys
+        sig = None
+        if not self.pool_only:
+            cls_attn = inputs.cls_attn
+            dtype = torch.promote_types(cls_attn.dtype, torch.float32)  # variances of ~1/N scores
+            sig = significance(cls_attn.to(dtype), inputs.values.to(dtype), state.num_protected)
+        return _Scores(keys, sig)
+
+    def match(self, layer: int, scores: _Scores | None, state: TokenState) -> Plan | None:
+        r = self.schedule(state.num_input)[layer]
+        if r == 0 or scores is None:
+            return None
+        p = state.num_protected
+        if self.pool_only:
+            plan = bipartite_soft_matching(scores.keys, r, p)
+        else:
+            prune = prune_lowest(F.pad(scores.significance, (p, 0)), r, p)
+            if self.prune_only:
+                plan = prune
+            else:
+                pool = scores.significance.var(dim=1) < self.config.threshold  # [B], unbiased as the original
+                plan = select(pool, bipartite_soft_matching(scores.keys, r, p), prune)
+        if not self.prop_attn:  # the original then merges with all-ones sizes: a plain mean
+            plan = plan.with_weight(torch.ones(plan.keep.shape[0], plan.num_in, 1, device=plan.keep.device))
+        return plan

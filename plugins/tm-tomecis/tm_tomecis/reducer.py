@@ -1,0 +1,100 @@
+"""ToMeCIS (ALGORITHMS.md section 5): ToMe's bipartite soft matching and schedule, with every
+merged group averaged by class importance (the class token's attention to a token times the norm
+of its value vector) instead of by size. Sizes are still summed for proportional attention.
+The method is `class_importance` and `ToMeCIS.match`; matching and merging are tmcore's."""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+from pydantic import Field, StrictBool
+from torch import Tensor
+
+from tmcore import (
+    BaseReducer,
+    BipartiteSchedule,
+    LayerInputs,
+    Plan,
+    ReducerConfig,
+    RSchedule,
+    TokenState,
+    bipartite_soft_matching,
+)
+from tmcore.schedule import parse_r
+
+__all__ = ["ToMeCIS", "ToMeCISConfig", "class_importance"]
+
+
+def class_importance(cls_attn: Tensor, values: Tensor) -> Tensor:
+    """The class importance score of every token (5.2), not normalised (it cancels in a mean).
+
+    Args:
+        cls_attn: ``[B, H, N]`` the class token's attention row per head (bias included).
+        values: ``[B, H, N, d]`` the attention's values.
+
+    Returns:
+        ``[B, N]``: head-mean class attention x L2 norm of the head-mean value vector.
+    """
+    return cls_attn.mean(dim=1) * values.mean(dim=1).norm(dim=-1)
+
+
+class ToMeCISConfig(ReducerConfig):
+    r: RSchedule = Field(
+        description="tokens merged per block: int >= 0, a per-block list, or (r, inflect) with -1 <= inflect <= 1",
+    )
+    prop_attn: StrictBool = Field(
+        default=True, description="proportional attention (+log(size) on attention logits), on as in the original"
+    )
+
+
+class _Scores(NamedTuple):
+    keys: Tensor  # [B, N, d] head-mean keys, the matching metric
+    importance: Tensor  # [B, N] class importance, the merge weight
+
+
+class ToMeCIS(BaseReducer):
+    """Token merging with class importance score. In every block, after attention: ToMe's
+    bipartite soft matching of head-mean keys merges ``r`` tokens (protected prefix tokens never
+    merge); each merged group is the mean of its tokens weighted by their class importance,
+    recomputed in every block and not multiplied by size; sizes are summed and add ``log(size)``
+    to later attention logits. Needs a class token.
+
+    ``r`` beyond half of a block's unprotected tokens is capped with a `ScheduleClampWarning`.
+    """
+
+    name: ClassVar[str] = "tomecis"
+    config_model = ToMeCISConfig
+    requires = frozenset({"keys", "cls_attn", "values"})
+    requires_class_token = True
+    description = "ToMeCIS: ToMe's matching, merges weighted by class importance score (IECON 2023)"
+    identity_config = {"r": 0}
+    example_configs = ({"r": 4}, {"r": 8}, {"r": 12})
+
+    config: ToMeCISConfig
+
+    def setup(self) -> None:
+        cfg, info = self.config, self.info
+        self.prop_attn = cfg.prop_attn
+        # stacklevel 5 (setup, BaseReducer.__init__, _build, apply, the caller): the user's apply call
+        self.schedule = BipartiteSchedule(
+            parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected, stacklevel=5
+        )
+
+    def needs(self, layer: int) -> frozenset[str]:
+        return self.requires if self.schedule.active(layer) else frozenset()
+
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> _Scores | None:
+        if not inputs.needs:
+            return None
+        cls_attn = inputs.cls_attn
+        # in float32 at least: half-precision products of ~1/N attentions lose their low bits
+        dtype = torch.promote_types(cls_attn.dtype, torch.float32)
+        return _Scores(inputs.keys, class_importance(cls_attn.to(dtype), inputs.values.to(dtype)))
+
+    def match(self, layer: int, scores: _Scores | None, state: TokenState) -> Plan | None:
+        r = self.schedule(state.num_input)[layer]
+        if r == 0 or scores is None:
+            return None
+        plan = bipartite_soft_matching(scores.keys, r, state.num_protected)
+        return plan.with_weight(scores.importance.unsqueeze(-1))
