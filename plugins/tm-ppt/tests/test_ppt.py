@@ -80,6 +80,20 @@ def test_threshold_inf_pools_every_image_and_is_tome_at_the_listed_blocks():
     torch.testing.assert_close(t.sizes.sum(1), torch.full((4, 1), 66.0, dtype=torch.float64))
 
 
+def test_threshold_inf_at_the_defaults_is_tome_r50_at_blocks_3_6_9():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    models = [timm.create_model("deit_small_patch16_224").eval() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScheduleClampWarning)  # block 9: 50 -> 48, in both
+        tmcore.apply(models[0], "ppt", threshold=math.inf)
+        tmcore.apply(models[1], "tome", r=[0, 0, 0, 50, 0, 0, 50, 0, 0, 50])
+    (out, t), (ref, ref_t) = (_run(m, x) for m in models)
+    assert torch.equal(out, ref) and torch.equal(t.source, ref_t.source)
+    assert t.token_counts == ref_t.token_counts == [197] * 4 + [147] * 3 + [97] * 3 + [49] * 3
+
+
 @pytest.mark.parametrize("threshold", [0.0, -math.inf, -1.0])
 def test_threshold_at_most_zero_prunes_every_image(monkeypatch, threshold):
     """Every image keeps its protected prefix, then its most significant tokens in descending
