@@ -1,9 +1,9 @@
 """``make demo``: ``tmcore bench`` on the bundled Fashion-MNIST ViT with every installed reducer,
 the table on screen and the accuracy / throughput plot in ``bench.png``.
 
-ToMe and PiToMe run at settings that span their useful range on this model, LTMP with the
-thresholds fitted to it (``tmcore.models.reducer_files``); any other installed reducer at its
-``example_configs``.
+ToMe, ToMeCIS and PiToMe run at settings that span their useful range on this model, PPT at its
+defaults with the original's threshold and the two pure regimes, LTMP with the thresholds fitted
+to it (``tmcore.models.reducer_files``); any other installed reducer at its ``example_configs``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from tmcore import models
 from tmcore.cli import main
 
 MODEL = "fmnist-vit"
-SETTINGS = {"tome": ["tome:r=8,12,15"], "pitome": ["pitome:ratio=0.95,0.9"]}
+SETTINGS = {
+    "tome": ["tome:r=8,12,15"],
+    "tomecis": ["tomecis:r=8,12,15"],  # beside ToMe at the same r: what class-importance weights change
+    "pitome": ["pitome:ratio=0.95,0.9"],
+    # the original's threshold, and the two pure regimes: all pooling (= ToMe at blocks 3, 6, 9), all pruning
+    "ppt": ["ppt:threshold=7e-5,inf,0"],
+}
 
 
 def _spec(name: str, config: dict) -> str:
