@@ -133,10 +133,12 @@ class BipartiteSchedule:
         r_list: the requested ``r`` of every block (e.g. from `parse_r`).
         num_tokens: tokens entering the first block at the model's default input size.
         num_protected: length of the protected prefix.
-        stacklevel: as in `warnings.warn`, counted from the caller of this constructor.
+        stacklevel: as in `warnings.warn`, counted from the caller of this constructor; the
+            default, 5, points at the user's ``tmcore.apply`` line when a reducer builds its
+            schedule in ``setup`` (setup, ``BaseReducer.__init__``, ``_build``, ``apply``, caller).
     """
 
-    def __init__(self, r_list: list[int] | tuple[int, ...], num_tokens: int, num_protected: int, stacklevel: int = 2):
+    def __init__(self, r_list: list[int] | tuple[int, ...], num_tokens: int, num_protected: int, stacklevel: int = 5):
         self.r_list = tuple(r_list)
         self.num_tokens = num_tokens
         self.num_protected = num_protected

@@ -153,9 +153,8 @@ class PPT(BaseReducer):
             )
         self.prop_attn = cfg.prop_attn
         r_at = dict(zip(cfg.layers, cfg.r if isinstance(cfg.r, list) else [cfg.r] * len(cfg.layers)))
-        # stacklevel 5 (setup, BaseReducer.__init__, _build, apply, the caller): the user's apply call
         self.schedule = BipartiteSchedule(
-            [r_at.get(layer, 0) for layer in range(info.num_layers)], info.num_tokens, info.num_protected, stacklevel=5
+            [r_at.get(layer, 0) for layer in range(info.num_layers)], info.num_tokens, info.num_protected
         )
         # Variances are >= 0: at inf every image pools, at <= 0 every image prunes, so the
         # branch that can never be taken is neither planned nor fed.

@@ -43,11 +43,7 @@ class ToMe(BaseReducer):
         cfg, info = self.config, self.info
         # The original defaults to proportional attention except for off-the-shelf MAE models.
         self.prop_attn = (not info.mae) if cfg.prop_attn is None else cfg.prop_attn
-        # stacklevel 5 (setup, BaseReducer.__init__, _build, apply, the caller): the warning points
-        # at the user's tmcore.apply call
-        self.schedule = BipartiteSchedule(
-            parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected, stacklevel=5
-        )
+        self.schedule = BipartiteSchedule(parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected)
 
     def needs(self, layer: int) -> frozenset[str]:
         return self.requires if self.schedule.active(layer) else frozenset()

@@ -76,10 +76,7 @@ class ToMeCIS(BaseReducer):
     def setup(self) -> None:
         cfg, info = self.config, self.info
         self.prop_attn = cfg.prop_attn
-        # stacklevel 5 (setup, BaseReducer.__init__, _build, apply, the caller): the user's apply call
-        self.schedule = BipartiteSchedule(
-            parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected, stacklevel=5
-        )
+        self.schedule = BipartiteSchedule(parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected)
 
     def needs(self, layer: int) -> frozenset[str]:
         return self.requires if self.schedule.active(layer) else frozenset()
