@@ -94,6 +94,10 @@ class Plan:
         """This plan, averaging merged groups with ``weight`` ``[B, N, 1]`` instead of sizes."""
         return replace(self, weight=weight)
 
+    def with_equal_weights(self) -> Plan:
+        """This plan, averaging each merged group as a plain mean of its tokens (sizes summed)."""
+        return replace(self, weight=torch.ones(self.keep.shape[0], self.num_in, 1, device=self.keep.device))
+
 
 def _rows(index: Tensor, channels: int) -> Tensor:
     """``[B, K]`` token index -> ``[B, K, C]`` gather/scatter index (a view, no copy)."""

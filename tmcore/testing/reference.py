@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["bipartite_soft_matching", "merge_wavg", "vit_forward"]
+__all__ = ["bipartite_soft_matching", "float64_timm", "merge_wavg", "vit_forward"]
 
 Merge = Callable[..., Tensor]
 """``merge(x [B, N, C], mode="sum") -> [B, N - r, C]``, the seeds' closure over one layer's indices."""
@@ -115,3 +115,17 @@ def vit_forward(
         x, size = reduce(i, x, size, k, probs, v) if attention else reduce(i, x, size, k)
         x = x + blk.mlp(blk.norm2(x))
     return model.norm(x), size
+
+
+def float64_timm(name: str, batch: int = 2, **kwargs: object) -> tuple[nn.Module, Tensor]:
+    """A random-init timm model in float64 (eval mode) and ``batch`` random images of its input
+    size, both drawn after ``torch.manual_seed(0)``: the set-up of every reference test, where
+    float64 keeps near-tied similarities from deciding a comparison.
+
+    ``kwargs`` go to ``timm.create_model`` (e.g. ``depth=4``, ``img_size=96``).
+    """
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).double().eval()
+    return model, torch.randn(batch, 3, *model.patch_embed.img_size, dtype=torch.float64)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import tmcore
 from tm_pitome import pitome_match
 from tmcore.testing import matching_cases
-from tmcore.testing.reference import merge_wavg, vit_forward
+from tmcore.testing.reference import float64_timm, merge_wavg, vit_forward
 
 
 def reference_energy_order(metric, margin, alpha, text):
@@ -127,10 +127,8 @@ def test_matching_equals_reference(case, ratio, margin, alpha, variant):
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
 @pytest.mark.parametrize("ratio", [0.9, 0.5])
 def test_model_equals_reference(name, ratio):
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model(name, depth=5).double().eval()
-    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm(name, depth=5)
     with torch.no_grad():
         ref = reference_pitome_forward(model, images, ratio)
         out = tmcore.apply(model, "pitome", ratio=ratio)(images)
@@ -154,10 +152,8 @@ def test_mae_model_equals_reference():
 
 
 def test_model_equals_reference_with_prop_attn():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", depth=3).double().eval()
-    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm("deit_tiny_patch16_224", depth=3)
     with torch.no_grad():
         ref = reference_pitome_forward(model, images, 0.8, prop_attn=True)
         out = tmcore.apply(model, "pitome", ratio=0.8, prop_attn=True)(images)

@@ -261,5 +261,4 @@ class PiToMe(BaseReducer):
             return plan
         # Plain mean of each group as in the original's text patches; the sizes are still carried
         # (summed) so that pooling, tracing and proportional attention see the true counts.
-        b, n = scores.sim.shape[0], plan.num_in
-        return plan.with_weight(scores.sim.new_ones(b, n, 1))
+        return plan.with_equal_weights()

@@ -21,7 +21,7 @@ import torch
 
 import tmcore
 from tmcore.testing.reference import bipartite_soft_matching as reference_bsm
-from tmcore.testing.reference import vit_forward
+from tmcore.testing.reference import float64_timm, vit_forward
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}
 
@@ -115,10 +115,8 @@ def check_against_reference(model, images, r, layers, threshold, prop_attn):
 
 
 def small_deit(name="deit_small_patch16_224"):
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model(name, depth=12, img_size=96).double().eval()
-    images = torch.randn(4, 3, 96, 96, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm(name, depth=12, img_size=96, batch=4)
     return model, images
 
 
@@ -176,10 +174,8 @@ def test_distilled_model_equals_reference(prop_attn):
 def test_readme_defaults_equal_reference():
     # With random weights every image pools here (variances stay below 7e-5); the point is the
     # README schedule at full resolution, including the third layer's cap of r to 48.
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("deit_small_patch16_224", depth=12).double().eval()
-    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm("deit_small_patch16_224", depth=12)
     ref_out, ref_size, info = reference_ppt_forward(model, images, 50, [3, 6, 9], 7e-5)
     out, t = run_tmcore(model, images)
     torch.testing.assert_close(out, ref_out, **TOL)

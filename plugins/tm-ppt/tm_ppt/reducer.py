@@ -196,5 +196,5 @@ class PPT(BaseReducer):
                 pool = scores.significance.var(dim=1) < self.config.threshold  # [B], unbiased as the original
                 plan = select(pool, bipartite_soft_matching(scores.keys, r, p), prune)
         if not self.prop_attn:  # the original then merges with all-ones sizes: a plain mean
-            plan = plan.with_weight(torch.ones(plan.keep.shape[0], plan.num_in, 1, device=plan.keep.device))
+            plan = plan.with_equal_weights()
         return plan

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import tmcore
 from tmcore.testing import matching_cases
 from tmcore.testing.reference import bipartite_soft_matching as reference_bsm
-from tmcore.testing.reference import merge_wavg, vit_forward
+from tmcore.testing.reference import float64_timm, merge_wavg, vit_forward
 
 
 def reference_tome_forward(model, images, r_list, prop_attn=True):
@@ -47,10 +47,8 @@ def test_matching_equals_reference(case, distill):
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224"])
 @pytest.mark.parametrize("r", [13, (8, -1)])
 def test_model_equals_reference(name, r):
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model(name, depth=4).double().eval()
-    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm(name, depth=4)
     with torch.no_grad():
         ref = reference_tome_forward(model, images, tmcore.parse_r(4, r))
         tmcore.apply(model, "tome", r=r)
@@ -59,10 +57,8 @@ def test_model_equals_reference(name, r):
 
 
 def test_model_equals_reference_without_prop_attn():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", depth=3).double().eval()
-    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm("deit_tiny_patch16_224", depth=3)
     with torch.no_grad():
         ref = reference_tome_forward(model, images, [20, 20, 20], prop_attn=False)
         out = tmcore.apply(model, "tome", r=20, prop_attn=False)(images)

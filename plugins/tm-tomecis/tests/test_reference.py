@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import tmcore
 from tmcore.testing import matching_cases
-from tmcore.testing.reference import bipartite_soft_matching, vit_forward
+from tmcore.testing.reference import bipartite_soft_matching, float64_timm, vit_forward
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}
 
@@ -71,10 +71,8 @@ def test_weighted_merge_equals_reference(case, seed):
 def test_model_equals_reference(name, r):
     """Logits of a patched DeiT (with and without distillation token) equal the reference's, for a
     constant schedule and the decreasing one (whose last block has r = 0)."""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model(name, depth=4).double().eval()
-    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm(name, depth=4)
     with torch.no_grad():
         ref = reference_tomecis_forward(model, images, tmcore.parse_r(4, r))
         out = tmcore.apply(model, "tomecis", r=r)(images)
@@ -83,10 +81,8 @@ def test_model_equals_reference(name, r):
 
 def test_model_equals_reference_without_prop_attn():
     """With proportional attention off, sizes must not reach the attention logits (and so not CIS)."""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", depth=3).double().eval()
-    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm("deit_tiny_patch16_224", depth=3)
     with torch.no_grad():
         ref = reference_tomecis_forward(model, images, [20, 20, 20], prop_attn=False)
         out = tmcore.apply(model, "tomecis", r=20, prop_attn=False)(images)
@@ -96,10 +92,8 @@ def test_model_equals_reference_without_prop_attn():
 def test_reference_is_not_tome():
     """Guards the reference itself: CIS weighting must change the output compared with size
     weighting, or the model tests above would not tell ToMeCIS from ToMe."""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", depth=2).double().eval()
-    images = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    pytest.importorskip("timm")
+    model, images = float64_timm("deit_tiny_patch16_224", depth=2, batch=1)
     with torch.no_grad():
         cis = reference_tomecis_forward(model, images, [20, 20])
         tome = tmcore.apply(model, "tome", r=20)(images)

@@ -32,7 +32,7 @@ class _PlainMeanToMe(ToMe):
 
     def match(self, layer, scores, state):
         plan = super().match(layer, scores, state)
-        return None if plan is None else plan.with_weight(torch.ones_like(scores[..., :1]))
+        return None if plan is None else plan.with_equal_weights()
 
 
 @pytest.mark.parametrize("name", ["vit", "deit_distilled"])
