@@ -1,18 +1,50 @@
-"""The adapter base class and the undo log that makes `tmcore.remove` exact."""
+"""The adapter contract as code: the base class every adapter derives from, the undo log that
+makes `tmcore.remove` exact, and the helpers an adapter's block forward is composed of.
+
+An adapter's patched block forward does, in this order (`tmcore.runtime.Runtime`)::
+
+    state = runtime.enter(layer, x, block.training, valid=padding_mask_at_block_0)
+    bias = state.attn_bias(attention_dtype(x))     # log(size) and padding, additive, [B, 1, 1, N]
+    y = attention(x, bias)                         # fused, or `explicit_attention` when
+                                                   # `needs_explicit_attention(runtime, layer, state)`
+    x = x + y                                      # the block's own residual / norm
+    if runtime.position == "attention": x = runtime.step(layer, x, state, bias, scale)
+    x = x + mlp(x)
+    if runtime.position == "layer": x = runtime.step(layer, x, state, bias, scale)
+    x = runtime.exit(layer, x, state)              # the last block restores full length if asked
+
+q / k / v reach the reducer through ``runtime.capture`` (`capture_hook` makes the forward hook),
+only in blocks whose ``runtime.layer_needs[layer]`` asks for them; the base class's `patch` adds
+the hook that clears the per-forward state when the model's forward ends.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
+from functools import partial
 from importlib import metadata
 from typing import Any, ClassVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from tmcore.errors import IncompatibleVersionError
+from tmcore.flops import BlockFlops
 from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
 from tmcore.runtime import Runtime
+from tmcore.state import TokenState
 
-__all__ = ["Adapter", "Patch", "version_tuple"]
+__all__ = [
+    "Adapter",
+    "Patch",
+    "version_tuple",
+    "attention_dtype",
+    "needs_explicit_attention",
+    "explicit_attention",
+    "capture_hook",
+    "token_weights",
+]
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -62,7 +94,9 @@ class Adapter:
     """Knows one backbone family: how to find its blocks, protect its prefix tokens, feed the
     attention bias through a public argument, capture what reducers need, and pool.
 
-    Subclasses set the class attributes and implement `handles`, `describe` and `patch`.
+    Subclasses set the class attributes and implement `handles`, `describe`, `blocks`,
+    `patch_block` and `flops`; `check` refuses unsupported variants and `patch_model` patches
+    what sits after the blocks (pooling, outputs). `patch` is the template that calls them.
 
     Attributes:
         name: registry name, e.g. ``"timm"``.
@@ -70,6 +104,9 @@ class Adapter:
         library: the backbone library's distribution name, checked against `supported_versions`.
         supported_versions: ``(minimum inclusive, maximum exclusive)``, e.g. ``("1.0", "1.1")``.
         inputs: which `INPUTS` it can compute for reducers.
+        positions: where in a block it can reduce (`tmcore.runtime.POSITIONS`): ``attention``
+            (after the attention sub-layer, before the MLP) and / or ``layer`` (after the block).
+            A reducer picks one (its ``position``); `tmcore.apply` refuses a position not offered.
     """
 
     name: ClassVar[str]
@@ -77,6 +114,7 @@ class Adapter:
     library: ClassVar[str | None] = None
     supported_versions: ClassVar[tuple[str, str] | None] = None
     inputs: ClassVar[frozenset[str]] = INPUTS
+    positions: ClassVar[frozenset[str]] = frozenset({"attention"})
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
@@ -101,6 +139,110 @@ class Adapter:
     def describe(self, model: nn.Module) -> ModelInfo:
         raise NotImplementedError
 
-    def patch(self, model: nn.Module, patch: Patch) -> None:
-        """Patch ``model`` in place through ``patch.set_attr`` / ``patch.add_hook`` only."""
+    def check(self, model: nn.Module) -> None:
+        """Raise `tmcore.NoAdapterError` for a variant of the family this adapter cannot patch."""
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks that reduce, in order (``ModelInfo.num_layers`` of them)."""
         raise NotImplementedError
+
+    def patch_block(self, block: nn.Module, layer: int, patch: Patch) -> None:
+        """Replace ``block``'s forward (``patch.set_attr``) and add the capture hooks this block
+        needs (``patch.runtime.layer_needs[layer]``, `capture_hook`, ``patch.add_hook``)."""
+        raise NotImplementedError
+
+    def patch_model(self, model: nn.Module, patch: Patch) -> None:
+        """Patch what follows the blocks (size-weighted pooling, outputs); default: nothing."""
+
+    def flops(self, model: nn.Module) -> BlockFlops:
+        """The model's per-block FLOP model (``tmcore bench`` computes FLOP ratios with it)."""
+        raise NotImplementedError
+
+    def patch(self, model: nn.Module, patch: Patch) -> None:
+        """Patch ``model`` in place through ``patch.set_attr`` / ``patch.add_hook`` only:
+        `check`, `patch_block` for every block, `patch_model`, and a hook that clears the
+        per-forward state when the model's forward ends (also when it raises)."""
+        self.check(model)
+        for layer, block in enumerate(self.blocks(model)):
+            self.patch_block(block, layer, patch)
+        self.patch_model(model, patch)
+        patch.add_hook(model.register_forward_hook(partial(_clear_state, patch.runtime), always_call=True))
+
+
+def _clear_state(runtime: Runtime, module: nn.Module, args: Any, output: Any) -> None:
+    runtime.clear()
+
+
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype q / k will have inside attention under autocast (a float mask must match it)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def needs_explicit_attention(runtime: Runtime, layer: int, state: TokenState) -> bool:
+    """Whether block ``layer`` must compute attention probabilities itself (`explicit_attention`)
+    instead of the fused kernel: a soft keep-mask must enter the softmax (training a reducer with
+    ``soft_step``), or the reducer reads the full attention there (``attn`` in its needs)."""
+    return state.mask is not None or "attn" in runtime.layer_needs[layer]
+
+
+def explicit_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    state: TokenState,
+    runtime: Runtime,
+    dropout: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Scaled dot-product attention with the probabilities materialised, for the forwards that
+    need them (`needs_explicit_attention`).
+
+    Args:
+        q, k, v: ``[B, H, N, d]`` as the attention uses them (after any q / k norm).
+        scale: the logit scale.
+        bias: ``[B, 1, 1, N]`` additive bias (``state.attn_bias``) or ``None``.
+        state: the forward's state; under a soft mask the softmax is `TokenState.attn_probs`
+            (gradients reach the mask).
+        runtime: receives the probabilities, after ``dropout``, as the ``attn`` capture.
+        dropout: the attention's dropout on the probabilities (e.g. timm's ``attn_drop``).
+
+    Returns:
+        ``[B, H, N, d]`` attention output (heads not yet merged).
+    """
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits += bias  # in place: one [B, H, N, N] allocation less (the matmul's backward needs q, k only)
+    probs = state.attn_probs(logits) if state.mask is not None else logits.softmax(dim=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    runtime.capture("attn", probs)
+    return probs.to(v.dtype) @ v
+
+
+def capture_hook(runtime: Runtime, name: str, transform: Callable[[Tensor], Tensor] | None = None) -> Callable:
+    """A forward hook that hands a module's output (through ``transform``, e.g. a reshape to
+    ``[B, H, N, d]``) to the current forward's state as ``name`` (``q``, ``k`` or ``v``)."""
+    return partial(_capture, runtime, name, transform)
+
+
+def _capture(
+    runtime: Runtime, name: str, transform: Callable[[Tensor], Tensor] | None, module: nn.Module, args: Any, out: Tensor
+) -> None:
+    runtime.capture(name, out if transform is None else transform(out))
+
+
+def token_weights(state: TokenState | None, x: Tensor) -> Tensor | None:
+    """``[B, N, 1]`` weight of each token of ``x`` in a mean pool: its size, 0 on padding and on
+    soft-masked tokens; ``None`` when all tokens weigh the same (pool as unpatched)."""
+    if state is None or (state.size is None and state.valid is None and state.mask is None):
+        return None
+    weight = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+    if state.valid is not None:
+        weight = weight * state.valid.unsqueeze(-1)
+    if state.mask is not None:
+        weight = weight * state.mask.unsqueeze(-1)
+    return weight.to(x.dtype)

@@ -41,25 +41,30 @@ def _require_patch(model: nn.Module, what: str) -> Patch:
     return patch
 
 
-def apply(model: nn.Module, reducer: str, *, replace: bool = False, **config: Any) -> nn.Module:
+def apply(
+    model: nn.Module, reducer: str, *, replace: bool = False, full_length: bool = False, **config: Any
+) -> nn.Module:
     """Patch ``model`` in place with the reducer registered as ``reducer``; returns ``model``.
 
     Args:
         model: a model some installed adapter handles (e.g. a timm ``VisionTransformer``).
         reducer: a registered reducer name (``tmcore.reducers()`` lists them), e.g. ``"tome"``.
         replace: replace a reducer applied earlier instead of raising `AlreadyAppliedError`.
+        full_length: the last block brings the tokens back to the input length through the
+            source map (each position gets its group's value; pruned positions zeros), for
+            token-level heads (tagging, question answering, masked LM) and dense features.
         **config: the reducer's configuration, validated by its pydantic config model.
 
     Raises:
         UnknownReducerError, InvalidConfigError, NoAdapterError, UnsupportedModelError,
         IncompatibleVersionError, AlreadyAppliedError.
     """
-    patch = _build(model, reducer, config, replace)
+    patch = _build(model, reducer, config, replace, full_length)
     _install(model, patch)
     return model
 
 
-def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool) -> Patch:
+def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool, full_length: bool = False) -> Patch:
     """Validate everything and build the reducer and its Patch; the model is not touched yet."""
     reducer_cls = registry.get_reducer(reducer).obj
     cfg = validate_config(reducer_cls, config)
@@ -89,8 +94,16 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
             f"{type(model).__name__} ({info.family}, {info.num_protected} prefix tokens, pool {info.pool!r}) "
             f"has no class token; reducers that work without one: {', '.join(others) or 'none installed'}"
         )
+    if not isinstance(full_length, bool):
+        raise InvalidConfigError(f"full_length={full_length!r}: allowed: True or False")
     instance = reducer_cls(cfg, info)
-    return Patch(instance, adapter, Runtime(instance, info))
+    position = getattr(instance, "position", "attention")
+    if position not in adapter.positions:
+        raise UnsupportedModelError(
+            f"reducer {reducer!r} reduces at position {position!r} ({info.family}), which adapter "
+            f"{adapter.name!r} does not offer; it offers {sorted(adapter.positions)}"
+        )
+    return Patch(instance, adapter, Runtime(instance, info, full_length))
 
 
 def _install(model: nn.Module, patch: Patch) -> None:
@@ -142,6 +155,7 @@ def save(model: nn.Module, path: str | Path) -> None:
         "reducer": red.name,
         "config": red.config.model_dump_json(),
         "model": patch.runtime.info.model_dump_json(),
+        "full_length": json.dumps(patch.runtime.full_length),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in red.state_tensors().items()}
     save_file(tensors, str(path), metadata=metadata)
@@ -155,9 +169,10 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
             model (the model is then left as it was).
     """
     name, config, tensors = read_saved(path)
+    full_length = _read_full_length(path)
     # Build and load the learned state first: a file for another model (e.g. another number of
     # blocks) raises before the model is touched.
-    patch = _build(model, name, config, replace=True)
+    patch = _build(model, name, config, replace=True, full_length=full_length)
     patch.reducer.load_state_tensors(tensors)
     _install(model, patch)
     return model
@@ -180,6 +195,13 @@ def read_saved(path: str | Path, tensors: bool = True) -> tuple[str, dict[str, A
             f"{path}: not a tmcore reducer file (format {metadata.get('format')!r}, expected {_FORMAT!r})"
         )
     return metadata["reducer"], json.loads(metadata["config"]), state
+
+
+def _read_full_length(path: str | Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return bool(json.loads((f.metadata() or {}).get("full_length", "false")))
 
 
 def reducers() -> list[Registration]:

@@ -8,9 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from tmcore.plan import Plan
+from tmcore.plan import Plan, pack
 
-__all__ = ["bipartite_soft_matching", "max_bipartite_r", "prune_lowest"]
+__all__ = ["bipartite_soft_matching", "max_bipartite_r", "prune_lowest", "real_tokens"]
 
 
 def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
@@ -18,7 +18,12 @@ def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> Plan:
+def real_tokens(valid: Tensor, num_protected: int) -> Tensor:
+    """``[B]`` long: unprotected real tokens per sample of a padded batch (``valid`` ``[B, N]``)."""
+    return valid.sum(1) - num_protected
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, valid: Tensor | None = None) -> Plan:
     """ToMe's bipartite soft matching (ALGORITHMS 1.3) with ``p`` protected prefix tokens.
 
     Tokens split by position parity into A (even) and B (odd); every A token finds its most
@@ -34,10 +39,16 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
         metric: ``[B, N, d]`` similarity features (head-mean keys for ToMe).
         r: tokens to remove, ``0 <= r <= max_bipartite_r(N, p)``; callers clamp and warn.
         num_protected: ``p``, the length of the protected prefix.
+        valid: ``[B, N]`` bool padding mask (real tokens first). Each sample then merges
+            ``r_i = min(r, T_i // 2)`` of its ``T_i`` real unprotected tokens, exactly as it would
+            alone: padding is never a source, a destination or counted.
 
     Returns:
-        A Plan from ``N`` to ``N - r`` tokens.
+        A Plan from ``N`` to ``N - r`` tokens; with ``valid``, a plan whose sample ``i`` holds its
+        ``N_i - r_i`` tokens first, in the unpadded output order, then padding (``Plan.valid``).
     """
+    if valid is not None:
+        return _bipartite_padded(metric, r, num_protected, valid)
     b, n, _ = metric.shape
     p = num_protected
     if not 0 <= r <= max_bipartite_r(n, p):
@@ -77,7 +88,53 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
     return Plan(keep=keep, src=src_a * 2, src_dst=src_dst, num_in=n)
 
 
-def prune_lowest(score: Tensor, r: int, num_protected: int = 0) -> Plan:
+def _bipartite_padded(metric: Tensor, r: int, p: int, valid: Tensor) -> Plan:
+    """`bipartite_soft_matching` on a padded batch: padding rows and columns of the score matrix
+    are ``-inf``, each sample merges its own ``r_i`` best, and the unpadded output order is
+    rebuilt with `pack` (its size ``N - r`` bounds every sample's count: no host sync)."""
+    b, n, _ = metric.shape
+    if not 0 <= r <= max_bipartite_r(n, p):
+        raise ValueError(f"r={r} is outside [0, {max_bipartite_r(n, p)}] for {n} tokens, {p} protected")
+    device = metric.device
+    n_a, n_b = (n + 1) // 2, n // 2
+    p_a, p_b = (p + 1) // 2, p // 2
+    if r == 0:
+        return Plan.prune(torch.arange(n, device=device).expand(b, n), n, valid)
+    r_i = (real_tokens(valid, p) // 2).clamp(max=r)
+    with torch.no_grad():
+        m = metric / metric.norm(dim=-1, keepdim=True)
+        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
+        scores = scores.masked_fill(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
+        if p_a:
+            scores[:, :p_a, :] = -math.inf
+        if p_b:
+            scores[:, :, :p_b] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        order = node_max.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_a, device=device).expand(b, n_a))
+        merges = rank < r_i.unsqueeze(1)  # [B, n_a]: the r_i best real A tokens of each sample
+        a_real = valid[:, ::2]
+        if p:  # unmerged A tokens keep their positional order after the prefix
+            a_cand = torch.arange(p_a, n_a, device=device).expand(b, n_a - p_a)
+            a_kept = (a_real & ~merges)[:, p_a:]
+        else:  # ... or come in descending-score order
+            a_cand = order
+            a_kept = a_real.gather(1, order) & ~merges.gather(1, order)
+        b_cand = torch.arange(p_b, n_b, device=device).expand(b, n_b - p_b)
+        prefix = torch.arange(p, device=device).expand(b, p)
+        candidates = torch.cat([prefix, a_cand * 2, b_cand * 2 + 1], dim=1)
+        kept = torch.cat([valid[:, :p], a_kept, valid[:, 1::2][:, p_b:]], dim=1)
+        # a sample that merges nothing stays as it is, like the unpadded r = 0 (matters for p = 0)
+        still = (r_i == 0).unsqueeze(1)
+        candidates = torch.where(still, torch.arange(n, device=device).expand(b, n), candidates)
+        kept = torch.where(still, valid, kept)
+        src_a = order[:, :r]
+        target = node_idx.gather(1, src_a) - p_b + p + a_cand.shape[1]
+        target = torch.where(merges.gather(1, src_a), target, -1)
+    return pack(candidates, kept, n, src_a * 2, target, num_out=n - r)
+
+
+def prune_lowest(score: Tensor, r: int, num_protected: int = 0, valid: Tensor | None = None) -> Plan:
     """Drop the ``r`` lowest-scoring unprotected tokens of every sample.
 
     Output order: the protected prefix in place, then the kept tokens by descending score (the
@@ -87,6 +144,10 @@ def prune_lowest(score: Tensor, r: int, num_protected: int = 0) -> Plan:
         score: ``[B, N]`` per-token score (e.g. class attention); the prefix's entries are ignored.
         r: tokens to drop, ``0 <= r <= N - num_protected``.
         num_protected: ``p``, the length of the protected prefix.
+        valid: ``[B, N]`` bool padding mask (real tokens first). Sample ``i`` then drops
+            ``r_i = min(r, T_i // 2)`` of its ``T_i`` real unprotected tokens (the cap of
+            `bipartite_soft_matching`, so the two plans still pair up for `select`); padding is
+            never kept ahead of a real token.
 
     Returns:
         A Plan from ``N`` to ``N - r`` tokens that lists the dropped tokens (``src`` with
@@ -97,6 +158,19 @@ def prune_lowest(score: Tensor, r: int, num_protected: int = 0) -> Plan:
     p = num_protected
     if not 0 <= r <= n - p:
         raise ValueError(f"r={r} is outside [0, {n - p}] for {n} tokens, {p} protected")
+    if valid is not None:
+        if r > max_bipartite_r(n, p):
+            raise ValueError(f"r={r} is outside [0, {max_bipartite_r(n, p)}] for a padded batch of {n} tokens")
+        with torch.no_grad():
+            order = score[:, p:].masked_fill(~valid[:, p:], -math.inf).argsort(dim=-1, descending=True, stable=True)
+            t = real_tokens(valid, p)
+            keep_count = t - (t // 2).clamp(max=r)
+            kept = torch.arange(n - p, device=score.device) < keep_count.unsqueeze(1)
+            prefix = torch.arange(p, device=score.device).expand(b, p)
+            candidates = torch.cat([prefix, order + p], dim=1)
+            kept = torch.cat([valid[:, :p], kept], dim=1)
+            drop = order[:, n - p - r :] + p
+        return pack(candidates, kept, n, drop, torch.full_like(drop, -1), num_out=n - r)
     with torch.no_grad():
         order = score[:, p:].argsort(dim=-1, descending=True, stable=True) + p
     prefix = torch.arange(p, device=score.device).expand(b, p)

@@ -278,6 +278,7 @@ def pack(
     num_in: int,
     src: Tensor | None = None,
     src_target: Tensor | None = None,
+    num_out: int | None = None,
 ) -> Plan:
     """Build a ragged Plan from per-sample decisions: each sample keeps its flagged candidates,
     in candidate order, packed to the front; the rest of the ``M`` slots is padding.
@@ -290,15 +291,18 @@ def pack(
         src_target: ``[B, K]`` long, the candidate position (index into ``candidates``) each
             ``src`` token joins, ``-1`` for none; a token whose candidate is not kept is dropped
             with it.
+        num_out: ``M`` when the caller knows a bound on every sample's count (fixed-count
+            reducers on padded batches): no host synchronisation. Must be ``>= kept.sum(1)``.
 
     Returns:
-        A Plan with ``valid``; ``M = max(kept.sum(1))``, the one host synchronisation here.
+        A Plan with ``valid``; ``M = max(kept.sum(1))`` unless ``num_out`` is given (the one host
+        synchronisation here).
     """
     b, length = kept.shape
     candidates = candidates.expand(b, length)
     slot = kept.cumsum(1) - 1  # [B, L] output slot of every kept candidate
     count = kept.sum(1)
-    m = int(count.max()) if b else 0
+    m = num_out if num_out is not None else (int(count.max()) if b else 0)
     # Unkept candidates are written to a spare column m, cut off below; padding stays token 0.
     keep = candidates.new_zeros(b, m + 1).scatter_(1, torch.where(kept, slot, m), candidates)[:, :m]
     valid = torch.arange(m, device=kept.device) < count.unsqueeze(1)

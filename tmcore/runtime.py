@@ -11,25 +11,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tmcore.errors import PluginError
+from tmcore.errors import PluginError, TmcoreError
 from tmcore.plan import compose_source, identity_source
 from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
 from tmcore.state import LayerInputs, TokenState
 from tmcore.tracing import Trace
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "POSITIONS"]
 
 _ids = itertools.count()
+
+POSITIONS = frozenset({"attention", "layer"})
+"""Where a block reduces: ``attention``, after the attention sub-layer and before the MLP (ToMe's
+place in a pre-norm ViT; after the attention output LayerNorm in a post-norm BERT), or ``layer``,
+after the whole block (PiToMe's Hugging Face CLIP patch). Adapters offer positions, the reducer's
+``position`` picks one."""
 
 
 class Runtime:
     """The per-patch link between a model's patched modules and the current forward's state.
 
-    Adapters call, in each block: ``enter(layer, x, training)`` first,
-    ``step(layer, x, state, bias, scale)`` between attention and MLP, ``exit(layer, x, state)``
-    last; hooks call ``capture``. What to capture and compute in block ``l`` is
-    ``layer_needs[l]`` (the reducer's `needs`, asked once here): nothing where the reducer does
-    nothing, so those blocks keep the backbone's fused attention and install no hooks.
+    Adapters call, in each block: ``enter(layer, x, training, valid)`` first,
+    ``step(layer, x, state, bias, scale)`` at the reducer's `position` (between attention and
+    MLP, or after the block), ``x = exit(layer, x, state)`` last; hooks call ``capture``.
+    What to capture and compute in block ``l`` is ``layer_needs[l]`` (the reducer's `needs`,
+    asked once here): nothing where the reducer does nothing, so those
+    blocks keep the backbone's fused attention and install no hooks.
+
+    Padding: block 0 takes the input's padding mask (``valid`` ``[B, N]``, real tokens first in
+    every sample). It travels through every Plan (``Plan.valid``); reducers keep padding out of
+    their matching and scores (the core's matching functions take ``valid``), attention never
+    attends to it (``TokenState.attn_bias``), and pooling weighs it 0. A reducer whose plan drops
+    the validity of a padded batch is an error, not a silent mix of padding and real tokens.
+
+    ``full_length``: the last block's `exit` brings the tokens back to the input length through
+    the source map (each input position gets its group's value, pruned positions zeros), so
+    token-level heads keep working; the state's sizes and validity are reset to the input's.
 
     Soft-mask mode: when the model is in training mode and the reducer defines
     ``soft_step(layer, x, inputs, state) -> x``, block 0 opens the state with ``mask`` all ones;
@@ -38,9 +55,11 @@ class Runtime:
     score / match / reduce.
     """
 
-    def __init__(self, reducer: TokenReducer, info: ModelInfo) -> None:
+    def __init__(self, reducer: TokenReducer, info: ModelInfo, full_length: bool = False) -> None:
         self.reducer = reducer
         self.info = info
+        self.full_length = full_length
+        self.position: str = getattr(reducer, "position", "attention")
         self.soft = callable(getattr(reducer, "soft_step", None))
         self.layer_needs: tuple[frozenset[str], ...] = tuple(
             _checked_needs(reducer, layer) for layer in range(info.num_layers)
@@ -50,7 +69,7 @@ class Runtime:
         self.trace_var: ContextVar[Trace | None] = ContextVar(f"tmcore_trace_{uid}", default=None)
 
     def __reduce__(self) -> tuple[Any, ...]:  # ContextVars do not pickle or deepcopy: make new ones
-        return (type(self), (self.reducer, self.info))
+        return (type(self), (self.reducer, self.info, self.full_length))
 
     def current(self) -> TokenState | None:
         return self._state.get()
@@ -63,19 +82,32 @@ class Runtime:
         if state is not None:
             state.captured[name] = tensor
 
-    def enter(self, layer: int, x: Tensor, training: bool = False) -> TokenState:
+    def enter(self, layer: int, x: Tensor, training: bool = False, valid: Tensor | None = None) -> TokenState:
         """Start of block ``layer``; block 0 opens a fresh state for this forward (with a soft
-        mask when ``training`` and the reducer has a ``soft_step``)."""
+        mask when ``training`` and the reducer has a ``soft_step``).
+
+        Args:
+            layer: the block's index.
+            x: ``[B, N, C]`` tokens entering the block.
+            training: the block's training flag.
+            valid: block 0 only: ``[B, N]`` padding mask of the input (``True`` / 1 on real
+                tokens, which must come first in every sample), ``None`` when every token is real.
+        """
         state = self._state.get()
         if layer == 0 or state is None:
             trace = self.trace_var.get()
             state = TokenState(self.info.num_protected, x.shape[1], self.reducer.prop_attn, trace)
+            if valid is not None:
+                state.valid = _padding_mask(valid, x)
             if training and self.soft:
                 state.mask = x.new_ones(x.shape[0], x.shape[1])
+                if state.valid is not None:
+                    state.mask = state.mask * state.valid
             if trace is not None:
                 trace.masks = []
-                if state.mask is None:
-                    state.source = identity_source(x.shape[0], x.shape[1], x.device)
+            if state.mask is None and (trace is not None or self.full_length):
+                state.source = identity_source(x.shape[0], x.shape[1], x.device)
+            state.input_valid = state.valid
             self._state.set(state)
         if state.trace is not None:
             if layer == 0:
@@ -101,6 +133,12 @@ class Runtime:
             state.captured = {}
             if plan is None:
                 return x
+            if state.valid is not None and plan.valid is None:
+                raise TmcoreError(
+                    f"reducer {reducer.name!r} returned a plan without validity (Plan.valid) for a padded batch "
+                    f"in block {layer}, so padding could merge with real tokens; it does not support padded "
+                    "inputs (pass state.valid to the core's matching functions, or run one sample at a time)"
+                )
             x, size = reducer.reduce(x, plan, state)
             if plan.valid is not None and size is not None:
                 # padding slots: size 1 (finite log, no division by zero); valid masks them out
@@ -110,14 +148,22 @@ class Runtime:
                 state.source = compose_source(state.source, plan)
             return x
 
-    def exit(self, layer: int, x: Tensor, state: TokenState) -> None:
-        """End of block ``layer``; the last block completes an active trace."""
-        if state.trace is not None and layer == self.info.num_layers - 1:
+    def exit(self, layer: int, x: Tensor, state: TokenState) -> Tensor:
+        """End of block ``layer``; returns the block's output. The last block completes an active
+        trace and, with ``full_length``, brings ``x`` back to the input length."""
+        if layer != self.info.num_layers - 1:
+            return x
+        if state.trace is not None:
             trace = state.trace
             trace.token_counts.append(state.count(x))
             trace.sizes = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
             trace.source = state.source
             trace.valid = state.valid
+        if self.full_length and state.source is not None:
+            idx = state.source.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            x = x.gather(1, idx).masked_fill(state.source.unsqueeze(-1) < 0, 0)
+            state.size, state.valid = None, state.input_valid
+        return x
 
 
 def _checked_needs(reducer: TokenReducer, layer: int) -> frozenset[str]:
@@ -130,3 +176,23 @@ def _checked_needs(reducer: TokenReducer, layer: int) -> frozenset[str]:
             f"that `needs` can return (a subset of {sorted(INPUTS)})"
         )
     return needs
+
+
+def _padding_mask(valid: Tensor, x: Tensor) -> Tensor | None:
+    """An input padding mask as ``[B, N]`` bool, ``None`` when every token is real; refuses
+    masks of the wrong shape and left padding (real tokens must come first: one host sync per
+    forward)."""
+    if valid.shape != x.shape[:2]:
+        raise TmcoreError(
+            f"padding mask of shape {tuple(valid.shape)} for tokens of shape {tuple(x.shape)}; "
+            f"allowed: [batch, tokens] = {tuple(x.shape[:2])}"
+        )
+    valid = valid.to(device=x.device, dtype=torch.bool)
+    if bool(valid.all()):
+        return None
+    if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise TmcoreError(
+            "the attention mask has padding before real tokens (left padding); token reduction needs the real "
+            "tokens first in every sample: tokenize with padding_side='right'"
+        )
+    return valid

@@ -52,7 +52,9 @@ class TokenState:
     Attributes:
         size: ``[B, N, 1]`` tokens each slot stands for; ``None`` until the first reduction
             (padding slots of a ragged batch have size 1, so nothing divides by zero).
-        valid: ``[B, N]`` bool, ``False`` on padding slots of ragged batches; ``None`` if none.
+        valid: ``[B, N]`` bool, ``False`` on padding (of the input, or slots of ragged plans),
+            real tokens first in every sample; ``None`` when every token is real.
+        input_valid: the input's padding mask, as block 0 received it.
         mask: ``[B, N]`` float soft keep-mask (1 alive, 0 removed, straight-through values), set
             in training mode for reducers with a ``soft_step``; ``None`` otherwise. While it is
             set, adapters compute attention with `masked_softmax` and hand the probabilities
@@ -62,11 +64,23 @@ class TokenState:
         num_input: tokens entering the first block (schedules are defined from it).
     """
 
-    __slots__ = ("size", "valid", "mask", "source", "captured", "prop_attn", "num_protected", "num_input", "trace")
+    __slots__ = (
+        "size",
+        "valid",
+        "input_valid",
+        "mask",
+        "source",
+        "captured",
+        "prop_attn",
+        "num_protected",
+        "num_input",
+        "trace",
+    )
 
     def __init__(self, num_protected: int, num_input: int, prop_attn: bool, trace: Trace | None) -> None:
         self.size: Tensor | None = None
         self.valid: Tensor | None = None
+        self.input_valid: Tensor | None = None
         self.mask: Tensor | None = None
         self.source: Tensor | None = None
         self.captured: dict[str, Tensor] = {}

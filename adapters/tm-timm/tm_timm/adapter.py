@@ -4,29 +4,29 @@ DeiT-III / LayerScale, QK-norm, register tokens, average pooling).
 timm 1.0's ``Block.forward`` is two residual lines over public submodules, and
 ``Attention.forward`` takes an additive ``attn_mask`` on both its fused (SDPA) and explicit
 paths. So the patched block forward below composes the block's own submodules with the
-reduction between the two lines, feeds ``log(size)`` through ``attn_mask``, and captures q / k /
-v with forward hooks on ``attn.q_norm`` / ``attn.k_norm`` / ``attn.qkv`` (exactly what the
-attention used). No timm forward code is copied; `tmcore.remove` restores every module.
+reduction between the two lines (or after the block, for reducers whose ``position`` is
+``layer``), feeds ``log(size)`` through ``attn_mask``, and captures q / k / v with forward hooks
+on ``attn.q_norm`` / ``attn.k_norm`` / ``attn.qkv`` (exactly what the attention used). No timm
+forward code is copied; `tmcore.remove` restores every module. The per-forward protocol is the
+core's (`tmcore.adapter`).
 
-Two kinds of forward need the attention probabilities themselves, which the fused path never
-materialises: soft-mask training (reducers with ``soft_step``, e.g. LTMP in ``train()``: the
-keep-mask must enter the softmax, which no public argument allows) and reducers that read the
-full attention (``requires`` ``attn``, e.g. LTMP's importance). For those, `_explicit_attention`
-composes the Attention's public submodules around the softmax once and hands the probabilities to
-the reducer. Every other forward runs the fused path above unchanged.
+Where the reducer needs the attention probabilities (soft-mask training, or ``attn`` in its
+needs), `_attention_probs` composes the Attention's public submodules around
+`tmcore.adapter.explicit_attention`; every other forward runs the fused path unchanged.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError
+from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError, TokenState
+from tmcore.adapter import attention_dtype, capture_hook, explicit_attention, needs_explicit_attention, token_weights
+from tmcore.flops import BlockFlops
+from tmcore.pooling import weighted_mean
 
 _SUPPORTED = (
     "timm VisionTransformer and subclasses built from timm.models.vision_transformer.Block with "
@@ -35,39 +35,16 @@ _SUPPORTED = (
 )
 
 
-def _attn_dtype(x: Tensor) -> torch.dtype:
-    """The dtype q/k will have inside attention (SDPA wants the float mask to match it)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
-def _softmax(logits: Tensor) -> Tensor:
-    return logits.softmax(dim=-1)
-
-
-def _explicit_attention(
-    attn: nn.Module, x: Tensor, bias: Tensor | None, softmax: Callable[[Tensor], Tensor], runtime: Runtime
-) -> Tensor:
-    """timm ``Attention`` with its probabilities computed explicitly, composed from the module's
-    public submodules, for the forwards that need them: a soft keep-mask must enter the softmax
-    (``softmax`` is `TokenState.attn_probs`; gradients reach the mask), or the reducer reads the
-    full attention (LTMP's importance), which is then computed once instead of fused + again.
-    q / k pass through ``q_norm`` / ``k_norm`` (their capture hooks fire as usual); the
-    probabilities, after ``attn_drop`` as the attention uses them, are captured as ``attn``."""
+def _attention_probs(attn: nn.Module, x: Tensor, bias: Tensor | None, state: TokenState, runtime: Runtime) -> Tensor:
+    """timm ``Attention`` with explicit probabilities, composed from the module's public
+    submodules; q / k pass through ``q_norm`` / ``k_norm`` (their capture hooks fire as usual)."""
     b, n, _ = x.shape
     gate = getattr(attn, "gate", None)
     gate = gate(x).sigmoid() if gate is not None else None
     q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits += bias  # in place: a [B, H, N, N] allocation less (the matmul's backward needs q, k only)
-    probs = attn.attn_drop(softmax(logits))
-    runtime.capture("attn", probs)
-    y = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)
-    y = attn.norm(y)
+    y = explicit_attention(q, k, v, attn.scale, bias, state, runtime, attn.attn_drop)
+    y = attn.norm(y.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
     if gate is not None:
         y = y * gate
     return attn.proj_drop(attn.proj(y))
@@ -77,70 +54,50 @@ def _block_forward(
     block: nn.Module,
     runtime: Runtime,
     layer: int,
-    explicit: bool,
     x: Tensor,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
 ) -> Tensor:
-    """timm ``Block.forward`` with the token reduction between attention and MLP; ``explicit``:
-    the reducer reads the full attention probabilities (see `_explicit_attention`)."""
+    """timm ``Block.forward`` with the token reduction at the reducer's position."""
     if attn_mask is not None or is_causal:
         raise TmcoreError(
             "a tmcore-patched timm block got attn_mask / is_causal from the caller; token reduction "
             "changes the sequence, so caller masks are not supported (call tmcore.remove first)"
         )
     state = runtime.enter(layer, x, block.training)
-    bias = state.attn_bias(_attn_dtype(x))
-    if state.mask is not None:
-        y = _explicit_attention(block.attn, block.norm1(x), bias, state.attn_probs, runtime)
-    elif explicit:
-        y = _explicit_attention(block.attn, block.norm1(x), bias, _softmax, runtime)
+    bias = state.attn_bias(attention_dtype(x))
+    if needs_explicit_attention(runtime, layer, state):
+        y = _attention_probs(block.attn, block.norm1(x), bias, state, runtime)
     else:
         y = block.attn(block.norm1(x), attn_mask=bias)
     x = x + block.drop_path1(block.ls1(y))
-    x = runtime.step(layer, x, state, bias, block.attn.scale)
+    if runtime.position == "attention":
+        x = runtime.step(layer, x, state, bias, block.attn.scale)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    runtime.exit(layer, x, state)
-    return x
+    if runtime.position == "layer":
+        x = runtime.step(layer, x, state, bias, block.attn.scale)
+    return runtime.exit(layer, x, state)
 
 
-def _capture(runtime: Runtime, name: str, module: nn.Module, args: Any, output: Tensor) -> None:
-    runtime.capture(name, output)
-
-
-def _capture_v(runtime: Runtime, heads: int, head_dim: int, module: nn.Module, args: Any, output: Tensor) -> None:
-    b, n, _ = output.shape
-    runtime.capture("v", output.reshape(b, n, 3, heads, head_dim)[:, :, 2].transpose(1, 2))
-
-
-def _clear_state(runtime: Runtime, module: nn.Module, args: Any, output: Any) -> None:
-    runtime.clear()
+def _v_heads(heads: int, head_dim: int, qkv: Tensor) -> Tensor:
+    b, n, _ = qkv.shape
+    return qkv.reshape(b, n, 3, heads, head_dim)[:, :, 2].transpose(1, 2)
 
 
 def _weighted_pool(model: nn.Module, runtime: Runtime, x: Tensor, pool_type: str | None = None) -> Tensor:
     """``VisionTransformer.pool`` with size-weighted averaging of merged tokens; padding slots
     (ragged batches) and soft-masked tokens (training mode) weigh 0."""
     pool_type = model.global_pool if pool_type is None else pool_type
-    state = runtime.current()
-    if (
-        state is None
-        or (state.size is None and state.valid is None and state.mask is None)
-        or pool_type not in ("avg", "avgmax")
-    ):
+    weight = token_weights(runtime.current(), x)
+    if weight is None or pool_type not in ("avg", "avgmax"):
         return type(model).pool(model, x, pool_type)
-    size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
-    if state.valid is not None:
-        size = size * state.valid.unsqueeze(-1)
-    if state.mask is not None:
-        size = size * state.mask.unsqueeze(-1)
     if not model.pool_include_prefix:
         p = model.num_prefix_tokens
-        x, size = x[:, p:], size[:, p:]
-    size = size.to(x.dtype)
-    avg = (x * size).sum(dim=1) / size.sum(dim=1)
+        x, weight = x[:, p:], weight[:, p:]
+    avg = weighted_mean(x, weight)
     if pool_type == "avg":
         return avg
-    top = x.masked_fill(size == 0, float("-inf")).amax(dim=1)
+    top = x.masked_fill(weight == 0, float("-inf")).amax(dim=1)
     return 0.5 * (top + avg)
 
 
@@ -149,6 +106,7 @@ class TimmViT(Adapter):
     description = _SUPPORTED
     library = "timm"
     supported_versions = ("1.0", "1.1")
+    positions = frozenset({"attention", "layer"})
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
@@ -168,7 +126,14 @@ class TimmViT(Adapter):
             mae="mae" in tag.split("_"),
         )
 
-    def _check(self, model: nn.Module) -> None:
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.blocks
+
+    def flops(self, model: nn.Module) -> BlockFlops:
+        blk = model.blocks[0]
+        return BlockFlops(dim=model.embed_dim, mlp_hidden=blk.mlp.fc1.out_features)
+
+    def check(self, model: nn.Module) -> None:
         from timm.layers import Attention
         from timm.models.vision_transformer import Block
 
@@ -190,21 +155,19 @@ class TimmViT(Adapter):
                 f"Supported: {_SUPPORTED}"
             )
 
-    def patch(self, model: nn.Module, patch: Patch) -> None:
-        self._check(model)
+    def patch_block(self, block: nn.Module, layer: int, patch: Patch) -> None:
         runtime = patch.runtime
-        for i, blk in enumerate(model.blocks):
-            needs = runtime.layer_needs[i]  # blocks that need nothing keep fused attention and get no hooks
-            patch.set_attr(blk, "forward", partial(_block_forward, blk, runtime, i, "attn" in needs))
-            attn = blk.attn
-            if needs & {"keys", "cls_attn", "attn"}:
-                patch.add_hook(attn.k_norm.register_forward_hook(partial(_capture, runtime, "k")))
-            if needs & {"cls_attn", "attn"}:
-                patch.add_hook(attn.q_norm.register_forward_hook(partial(_capture, runtime, "q")))
-            if "values" in needs:
-                patch.add_hook(
-                    attn.qkv.register_forward_hook(partial(_capture_v, runtime, attn.num_heads, attn.head_dim))
-                )
+        needs = runtime.layer_needs[layer]  # blocks that need nothing keep fused attention and get no hooks
+        patch.set_attr(block, "forward", partial(_block_forward, block, runtime, layer))
+        attn = block.attn
+        if needs & {"keys", "cls_attn", "attn"}:
+            patch.add_hook(attn.k_norm.register_forward_hook(capture_hook(runtime, "k")))
+        if needs & {"cls_attn", "attn"}:
+            patch.add_hook(attn.q_norm.register_forward_hook(capture_hook(runtime, "q")))
+        if "values" in needs:
+            v_heads = partial(_v_heads, attn.num_heads, attn.head_dim)
+            patch.add_hook(attn.qkv.register_forward_hook(capture_hook(runtime, "v", v_heads)))
+
+    def patch_model(self, model: nn.Module, patch: Patch) -> None:
         if model.global_pool in ("avg", "avgmax"):
-            patch.set_attr(model, "pool", partial(_weighted_pool, model, runtime))
-        patch.add_hook(model.register_forward_hook(partial(_clear_state, runtime), always_call=True))
+            patch.set_attr(model, "pool", partial(_weighted_pool, model, patch.runtime))
