@@ -158,6 +158,25 @@ class Adapter:
         """The model's per-block FLOP model (``tmcore bench`` computes FLOP ratios with it)."""
         raise NotImplementedError
 
+    # The test kit's view of the family (`tmcore.testing`): tiny models, inputs, a comparable output.
+
+    @classmethod
+    def tiny_models(cls) -> dict[str, Callable[[], nn.Module]]:
+        """Small random-init models covering the family's variants, by name, for the
+        conformance suites: float64, in eval mode, a few blocks, enough tokens for every
+        reducer's example configs (about 64). Empty when the backbone library is missing."""
+        return {}
+
+    def example_inputs(self, model: nn.Module, batch: int = 3, seed: int = 1) -> dict[str, Tensor]:
+        """Keyword arguments for ``model(**inputs)``: random images, or token ids of different
+        lengths with a right-padded ``attention_mask`` for text models."""
+        raise NotImplementedError
+
+    def output_tensor(self, model: nn.Module, output: Any) -> Tensor:
+        """The ``[B, ...]`` tensor of a forward's output that tests compare, independent of the
+        reduced length: the logits, or the size-weighted mean pool of the last hidden state."""
+        return output
+
     def patch(self, model: nn.Module, patch: Patch) -> None:
         """Patch ``model`` in place through ``patch.set_attr`` / ``patch.add_hook`` only:
         `check`, `patch_block` for every block, `patch_model`, and a hook that clears the

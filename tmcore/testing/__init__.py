@@ -6,9 +6,33 @@ A third-party reducer gets the core's checks by subclassing the suite in its own
 
     class TestMyReducer(ReducerConformance):
         reducer = "my_reducer"
+
+and an adapter by subclassing `AdapterConformance` with ``adapter = "my_adapter"`` (its tiny
+models come from ``Adapter.tiny_models``).
 """
 
-from tmcore.testing.conformance import ReducerConformance, tiny_timm_models
+from tmcore.testing.conformance import (
+    AdapterConformance,
+    ReducerConformance,
+    adapter_for,
+    run,
+    split_inputs,
+    tiny_models,
+    tiny_timm_models,
+)
+from tmcore.testing.padding import assert_padded_equals_unpadded, right_padding
 from tmcore.testing.strategies import matching_cases, mixed_cases
 
-__all__ = ["ReducerConformance", "matching_cases", "mixed_cases", "tiny_timm_models"]
+__all__ = [
+    "AdapterConformance",
+    "ReducerConformance",
+    "adapter_for",
+    "assert_padded_equals_unpadded",
+    "matching_cases",
+    "mixed_cases",
+    "right_padding",
+    "run",
+    "split_inputs",
+    "tiny_models",
+    "tiny_timm_models",
+]

@@ -1,91 +1,124 @@
-"""A conformance suite every reducer passes on every tiny model of the installed adapters."""
+"""Conformance suites: every reducer on every tiny model of every installed adapter
+(`ReducerConformance`), and every adapter's share of the contract (`AdapterConformance`)."""
 
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import tmcore
+from tmcore.adapter import Adapter
+from tmcore.registry import registry
+
+__all__ = [
+    "ReducerConformance",
+    "AdapterConformance",
+    "tiny_models",
+    "tiny_timm_models",
+    "adapter_for",
+    "split_inputs",
+    "run",
+]
+
+
+def tiny_models(adapter: str | None = None) -> dict[str, Callable[[], nn.Module]]:
+    """The tiny models of every installed adapter (or of ``adapter``), as ``"adapter:name"``."""
+    registry.ensure_loaded()
+    out: dict[str, Callable[[], nn.Module]] = {}
+    for reg in registry.adapters.values():
+        if adapter is None or reg.name == adapter:
+            out.update({f"{reg.name}:{name}": f for name, f in reg.obj.tiny_models().items()})
+    return out
 
 
 def tiny_timm_models() -> dict[str, Callable[[], nn.Module]]:
-    """Small random-init timm ViTs covering the family's variants (empty without timm).
-
-    Each has 64 patches (32 px, patch 4) and 4 blocks, in float64 so that comparisons are not
-    at the mercy of near-tied similarities.
-    """
-    try:
-        from timm.models.deit import VisionTransformerDistilled
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:
-        return {}
-    common = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=7)
-
-    def make(cls: type[nn.Module], **kw: Any) -> Callable[[], nn.Module]:
-        def factory() -> nn.Module:
-            torch.manual_seed(0)
-            return cls(**{**common, **kw}).double().eval()
-
-        return factory
-
-    return {
-        "vit": make(VisionTransformer),
-        "deit_distilled": make(VisionTransformerDistilled),
-        "layerscale_qknorm": make(VisionTransformer, init_values=0.5, qk_norm=True),
-        "reg4_avgpool": make(
-            VisionTransformer, class_token=False, reg_tokens=4, global_pool="avg", no_embed_class=True
-        ),
-    }
+    """The timm adapter's tiny models by plain name (empty without timm or tm-timm)."""
+    return {name.split(":", 1)[1]: f for name, f in tiny_models("timm").items()}
 
 
-def _inputs(batch: int = 3) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(batch, 3, 32, 32, generator=gen, dtype=torch.float64)
+def adapter_for(model: nn.Module) -> Adapter:
+    return registry.find_adapter(model).obj()
 
 
-def _most(count: int | torch.Tensor) -> int:
-    """A trace token count as an int: adaptive reducers report ``[B]`` tensors; take the largest."""
+def input_mask(inputs: dict[str, Tensor]) -> Tensor | None:
+    """The ``[B, N]`` bool padding mask of text inputs, ``None`` for images."""
+    mask = inputs.get("attention_mask")
+    return None if mask is None else mask.bool()
+
+
+def split_inputs(inputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """One input dict per sample, with its padding cut off (what the sample is alone)."""
+    mask = input_mask(inputs)
+    batch = next(iter(inputs.values())).shape[0]
+    out = []
+    for i in range(batch):
+        n = int(mask[i].sum()) if mask is not None else None
+        sample = {}
+        for k, v in inputs.items():
+            v = v[i : i + 1]
+            if n is not None and v.dim() >= 2 and v.shape[1] == mask.shape[1]:
+                v = v[:, :n]
+            sample[k] = v
+        out.append(sample)
+    return out
+
+
+def run(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """``model(**inputs)`` as the adapter's comparable output tensor."""
+    return adapter_for(model).output_tensor(model, model(**inputs))
+
+
+def _most(count: int | Tensor) -> int:
+    """A trace token count as an int: ragged batches report ``[B]`` tensors; take the largest."""
     return count if isinstance(count, int) else int(count.max())
+
+
+def _per_sample(count: int | Tensor, batch: int) -> Tensor:
+    return torch.full((batch,), count) if isinstance(count, int) else count.cpu()
+
+
+def _skip_unsupported(reducer: str, config: dict[str, Any], model: nn.Module, name: str) -> None:
+    """A reducer that needs a class token must be refused on a model without one (checked
+    here); the test is then skipped."""
+    cls = registry.get_reducer(reducer).obj
+    if getattr(cls, "requires_class_token", False) and not adapter_for(model).describe(model).class_token:
+        with pytest.raises(tmcore.UnsupportedModelError, match="no class token"):
+            tmcore.apply(model, reducer, **config)
+        assert tmcore.get_patch(model) is None
+        pytest.skip(f"{reducer} needs a class token; {name} has none (refusal checked)")
 
 
 class ReducerConformance:
     """Subclass in a plugin's tests and set ``reducer`` (and optionally ``configs``).
 
-    Checks, for every tiny model: the identity config is exact (also in training mode);
-    `tmcore.remove` restores bit-identical outputs; protected tokens stay in front; every kept
-    token stands for at least one input token and no input token lands on padding (adaptive
-    reducers whose per-sample counts differ); fixed-shape plans report int token counts; every
-    input token lands in exactly one output token and sizes are conserved (merge-only
-    reducers); a batch equals its samples run one by one; gradients flow in training mode. A
-    reducer with ``requires_class_token`` is refused on models without one.
+    Runs on every tiny model of every installed adapter (images, and padded batches of
+    sentences of different lengths for text models). Checks: the identity config is exact
+    (also in training mode); `tmcore.remove` restores bit-identical outputs; protected tokens
+    stay in front; every kept token stands for at least one real input token; no real token
+    lands on padding and no padding token joins a real token's group; fixed-shape plans report
+    int token counts; every real input token lands in exactly one output token and sizes are
+    conserved (merge-only reducers); a batch equals its samples run one by one, unpadded
+    (outputs and token counts); gradients flow in training mode. A reducer with
+    ``requires_class_token`` is refused on models without one.
     """
 
     reducer: str = ""
     configs: tuple[dict[str, Any], ...] | None = None  # default: the reducer's example_configs
 
-    @pytest.fixture(params=sorted(tiny_timm_models()))
+    @pytest.fixture(params=sorted(tiny_models()))
     def model(self, request: pytest.FixtureRequest) -> nn.Module:
-        """Each tiny model; one a reducer cannot run on (``requires_class_token`` on a model
-        without a class token) must be refused with `UnsupportedModelError` (checked here),
-        and the tests that need a patched model are then skipped."""
-        model = tiny_timm_models()[request.param]()
-        if getattr(self._cls(), "requires_class_token", False):
-            from tmcore.registry import registry
-
-            if not registry.find_adapter(model).obj().describe(model).class_token:
-                with pytest.raises(tmcore.UnsupportedModelError, match="no class token"):
-                    tmcore.apply(model, self.reducer, **self._configs()[0])
-                assert tmcore.get_patch(model) is None
-                pytest.skip(f"{self.reducer} needs a class token; {request.param} has none (refusal checked)")
+        model = tiny_models()[request.param]()
+        _skip_unsupported(self.reducer, self._configs()[0], model, request.param)
         return model
 
     def _cls(self) -> Any:
-        return next(r.obj for r in tmcore.reducers() if r.name == self.reducer)
+        return registry.get_reducer(self.reducer).obj
 
     def _configs(self) -> tuple[dict[str, Any], ...]:
         configs = self.configs if self.configs is not None else self._cls().example_configs
@@ -93,17 +126,18 @@ class ReducerConformance:
         return tuple(configs)
 
     def test_registered(self) -> None:
-        assert self.reducer in {r.name for r in tmcore.reducers()}
+        registry.ensure_loaded()
+        assert self.reducer in registry.reducers
 
     def test_identity_config_is_exact(self, model: nn.Module) -> None:
         identity = self._cls().identity_config
         if identity is None:
             pytest.skip("reducer declares no identity config")
-        x = _inputs()
+        x = adapter_for(model).example_inputs(model)
         with torch.no_grad():
-            ref = model(x)
+            ref = run(model, x)
             tmcore.apply(model, self.reducer, **identity)
-            out = model(x)
+            out = run(model, x)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
     def test_identity_config_in_training_mode(self, model: nn.Module) -> None:
@@ -112,83 +146,252 @@ class ReducerConformance:
         identity = self._cls().identity_config
         if identity is None:
             pytest.skip("reducer declares no identity config")
-        x = _inputs()
+        x = adapter_for(model).example_inputs(model)
         model.train()
-        ref = model(x)
+        ref = run(model, x)
         tmcore.apply(model, self.reducer, **identity)
-        out = model(x)
+        out = run(model, x)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
 
     def test_remove_restores_exactly(self, model: nn.Module) -> None:
-        x = _inputs()
+        x = adapter_for(model).example_inputs(model)
         before = dict(model.__dict__)
         with torch.no_grad():
-            ref = model(x)
+            ref = run(model, x)
             for config in self._configs():
                 tmcore.apply(model, self.reducer, replace=True, **config)
-                model(x)
+                run(model, x)
             tmcore.remove(model)
-            assert torch.equal(model(x), ref)
+            assert torch.equal(run(model, x), ref)
         assert model.__dict__.keys() == before.keys()
         assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
 
     def test_trace_invariants(self, model: nn.Module) -> None:
-        x = _inputs()
+        x = adapter_for(model).example_inputs(model)
+        real_in = input_mask(x)
         for config in self._configs():
             tmcore.apply(model, self.reducer, replace=True, **config)
             with torch.no_grad(), tmcore.trace(model) as t:
-                model(x)
+                model(**x)
             p = tmcore.get_patch(model).runtime.info.num_protected
             counts = [_most(c) for c in t.token_counts]
             assert counts == sorted(counts, reverse=True), counts
             assert counts[-1] < counts[0], f"{config} reduced nothing"
-            n0 = counts[0]
             b, m = t.sizes.shape[:2]
-            assert t.source.shape == (x.shape[0], n0)
-            assert torch.equal(t.source[:, :p], torch.arange(p).expand(x.shape[0], p)), "protected tokens moved"
+            n0 = t.source.shape[1]
+            real = real_in if real_in is not None else torch.ones(b, n0, dtype=torch.bool)
+            assert torch.equal(t.source[:, :p], torch.arange(p).expand(b, p)), "protected tokens moved"
             assert ((t.source >= -1) & (t.source < m)).all()
             if t.valid is None:  # fixed-shape plans (merging, dropping or both): counts are ints
                 assert all(isinstance(c, int) for c in t.token_counts), t.token_counts
             valid = t.valid if t.valid is not None else torch.ones(b, m, dtype=torch.bool)
-            final = t.token_counts[-1]
-            assert torch.equal(valid.sum(1), final if isinstance(final, torch.Tensor) else torch.full((b,), final))
+            assert torch.equal(valid.sum(1), _per_sample(t.token_counts[-1], b))
             landed = t.source >= 0
-            assert valid.gather(1, t.source.clamp(min=0))[landed].all(), "an input token landed on a padding slot"
-            assert (t.source_matrix().sum(2)[valid] >= 1).all(), "a kept output token stands for no input token"
+            slot_valid = valid.gather(1, t.source.clamp(min=0))
+            assert slot_valid[landed & real].all(), "a real input token landed on a padding slot"
+            assert not slot_valid[landed & ~real].any(), "a padding token joined a real token's group"
+            groups = t.source_matrix() & real.unsqueeze(1)  # [B, M, N0], real inputs only
+            assert (groups.sum(2)[valid] >= 1).all(), "a kept output token stands for no real input token"
             if self._cls().merge_only:
-                assert (t.source >= 0).all()
-                assert torch.equal(t.source_matrix().sum(1), torch.ones(x.shape[0], n0, dtype=torch.long))
-                torch.testing.assert_close(
-                    t.sizes.sum(1).squeeze(-1), torch.full((x.shape[0],), float(n0), dtype=t.sizes.dtype)
-                )
-                sizes_from_source = t.source_matrix().sum(2)
-                torch.testing.assert_close(t.sizes.squeeze(-1), sizes_from_source.to(t.sizes.dtype))
+                assert (t.source[real] >= 0).all(), "a merge-only reducer dropped a real token"
+                assert torch.equal(groups.sum(1), real.long()), "a real token is in more than one group"
+                sizes = t.sizes.squeeze(-1)
+                torch.testing.assert_close(sizes[valid], groups.sum(2)[valid].to(sizes.dtype))
 
     def test_batch_equals_samples(self, model: nn.Module) -> None:
-        x = _inputs()
+        """A batch (padded, for text) gives every sample what it gives alone, unpadded: the same
+        output and the same token counts."""
+        x = adapter_for(model).example_inputs(model)
         for config in self._configs():
             tmcore.apply(model, self.reducer, replace=True, **config)
             with torch.no_grad():
-                batched = model(x)
-                single = torch.cat([model(x[i : i + 1]) for i in range(x.shape[0])])
-            torch.testing.assert_close(batched, single, rtol=1e-7, atol=1e-7)
+                with tmcore.trace(model) as t:
+                    batched = run(model, x)
+                b = batched.shape[0]
+                singles, counts = [], []
+                for xi in split_inputs(x):
+                    with tmcore.trace(model) as ti:
+                        singles.append(run(model, xi))
+                    counts.append([_most(c) for c in ti.token_counts])
+            torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-7, atol=1e-7)
+            batched_counts = torch.stack([_per_sample(c, b) for c in t.token_counts], 1)
+            assert batched_counts.tolist() == counts, f"{config}: token counts differ from one-by-one runs"
 
     def test_deepcopy_is_independent(self, model: nn.Module) -> None:
-        x = _inputs(1)
+        x = split_inputs(adapter_for(model).example_inputs(model))[0]
         tmcore.apply(model, self.reducer, **self._configs()[0])
         clone = copy.deepcopy(model)
         with torch.no_grad():
-            assert torch.equal(clone(x), model(x))
+            assert torch.equal(run(clone, x), run(model, x))
             tmcore.remove(clone)
             assert tmcore.get_patch(model) is not None and tmcore.get_patch(clone) is None
             with tmcore.trace(model) as t:
-                model(x)
+                model(**x)
         assert _most(t.token_counts[-1]) < _most(t.token_counts[0])
 
     def test_backward(self, model: nn.Module) -> None:
+        adapter = adapter_for(model)
         tmcore.apply(model, self.reducer, **self._configs()[0])
         model.train()
-        model(_inputs()).sum().backward()
+        run(model, adapter.example_inputs(model)).sum().backward()
         grads = [p.grad for p in model.parameters() if p.requires_grad]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
-        assert model.blocks[0].attn.qkv.weight.grad is not None
+        assert all(torch.isfinite(g).all() for g in grads if g is not None)
+        assert any(p.grad is not None for p in adapter.blocks(model)[0].parameters())
+
+
+class AdapterConformance:
+    """Subclass in an adapter's tests and set ``adapter`` (its registry name).
+
+    Checks, on each of the adapter's tiny models: ToMe's identity config gives the unpatched
+    outputs and its counts follow the schedule sample by sample; every installed reducer runs
+    with finite outputs and fewer tokens (or is refused with `UnsupportedModelError`);
+    `tmcore.remove` is bit-exact; threads share one patched model; deep copies are independent;
+    ``full_length=True`` gives the input length; the adapter's FLOP model equals
+    ``FlopCounterMode`` on the blocks.
+    """
+
+    adapter: str = ""
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        if "model_name" in metafunc.fixturenames:
+            metafunc.parametrize("model_name", sorted(tiny_models(self.adapter)))
+
+    @pytest.fixture
+    def model(self, model_name: str) -> nn.Module:
+        return tiny_models(self.adapter)[model_name]()
+
+    def test_registered_with_tiny_models(self) -> None:
+        assert self.adapter in registry.adapters
+        assert tiny_models(self.adapter), f"adapter {self.adapter!r} declares no tiny_models()"
+
+    def test_identity_and_schedule(self, model: nn.Module) -> None:
+        if "tome" not in registry.reducers:
+            pytest.skip("tm-tome is not installed")
+        adapter = adapter_for(model)
+        x = adapter.example_inputs(model)
+        with torch.no_grad():
+            ref = run(model, x)
+            tmcore.apply(model, "tome", r=0)
+            torch.testing.assert_close(run(model, x), ref, rtol=0, atol=1e-5)
+            tmcore.apply(model, "tome", r=3, replace=True)
+            with tmcore.trace(model) as t:
+                model(**x)
+        info = tmcore.get_patch(model).runtime.info
+        mask = input_mask(x)
+        n = mask.sum(1) if mask is not None else torch.full((len(ref),), len(t.source[0]))
+        expected = [n]
+        for _ in range(info.num_layers):
+            n = n - ((n - info.num_protected) // 2).clamp(max=3)
+            expected.append(n)
+        b = len(ref)
+        assert [_per_sample(c, b).tolist() for c in t.token_counts] == [e.tolist() for e in expected]
+
+    def test_every_reducer_runs(self, model: nn.Module) -> None:
+        x = adapter_for(model).example_inputs(model)
+        for reg in list(registry.reducers.values()):
+            cls = reg.obj
+            for config in cls.example_configs:
+                info = adapter_for(model).describe(model)
+                if getattr(cls, "requires_class_token", False) and not info.class_token:
+                    with pytest.raises(tmcore.UnsupportedModelError):
+                        tmcore.apply(model, reg.name, replace=True, **config)
+                    continue
+                tmcore.apply(model, reg.name, replace=True, **config)
+                with torch.no_grad(), tmcore.trace(model) as t:
+                    out = run(model, x)
+                assert torch.isfinite(out).all(), f"{reg.name} {config}: non-finite outputs"
+                assert _most(t.token_counts[-1]) < _most(t.token_counts[0]), f"{reg.name} {config} reduced nothing"
+                tmcore.remove(model)
+
+    def test_remove_is_bit_exact(self, model: nn.Module) -> None:
+        x = adapter_for(model).example_inputs(model)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        modules = {name: dict(m.__dict__) for name, m in model.named_modules()}
+        with torch.no_grad():
+            ref = run(model, x)
+            tmcore.apply(model, "tome", r=3)
+            run(model, x)
+            tmcore.remove(model)
+            assert torch.equal(run(model, x), ref)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        for name, m in model.named_modules():
+            assert m.__dict__.keys() == modules[name].keys(), f"{name}: attributes left behind"
+            assert not m._forward_hooks and not m._forward_pre_hooks, f"{name}: hooks left behind"
+
+    def test_threads_share_a_patched_model(self, model: nn.Module) -> None:
+        adapter = adapter_for(model)
+        tmcore.apply(model, "tome", r=3)
+        inputs = [adapter.example_inputs(model, seed=s) for s in range(4)]
+        with torch.no_grad():
+            expected = [run(model, x) for x in inputs]
+        results: dict[int, Tensor] = {}
+
+        def work(i: int) -> None:
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = run(model, inputs[i])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        for i, ref in enumerate(expected):
+            assert torch.equal(results[i], ref)
+
+    def test_deepcopy(self, model: nn.Module) -> None:
+        x = adapter_for(model).example_inputs(model)
+        tmcore.apply(model, "tome", r=3)
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            assert torch.equal(run(clone, x), run(model, x))
+        tmcore.remove(clone)
+        assert tmcore.get_patch(model) is not None
+
+    def test_full_length(self, model: nn.Module) -> None:
+        x = split_inputs(adapter_for(model).example_inputs(model))[0]
+        tmcore.apply(model, "tome", r=3, full_length=True)
+        with torch.no_grad(), tmcore.trace(model) as t:
+            model(**x)
+        n0 = t.source.shape[1]
+        assert t.token_counts[-1] < n0
+        captured: list[Tensor] = []
+        last = adapter_for(model).blocks(model)[-1]
+        handle = last.register_forward_hook(
+            lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        try:
+            with torch.no_grad():
+                model(**x)
+        finally:
+            handle.remove()
+        assert captured[0].shape[1] == n0
+
+    def test_flop_model_matches_flop_counter(self, model: nn.Module) -> None:
+        """FLOPs of the blocks, counted by ``FlopCounterMode`` (attention on the math backend,
+        which it can count), against the adapter's FLOP model, unreduced and under ToMe."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        adapter = adapter_for(model)
+        x = split_inputs(adapter.example_inputs(model))[0]
+        blocks = adapter.blocks(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        prefix = type(model).__name__
+
+        def counted() -> int:
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as f:
+                model(**x)
+            flops = f.get_flop_counts()
+            return sum(sum(flops.get(f"{prefix}.{names[id(b)]}", {}).values()) for b in blocks)
+
+        tmcore.apply(model, "tome", r=0)
+        with torch.no_grad(), tmcore.trace(model) as t:
+            model(**x)
+        n = t.token_counts[0]
+        assert counted() == 2 * adapter.flops(model).macs([n] * (len(blocks) + 1))
+        tmcore.apply(model, "tome", r=3, replace=True)
+        with torch.no_grad(), tmcore.trace(model) as t:
+            model(**x)
+        predicted = 2 * adapter.flops(model).macs(t.token_counts)
+        assert abs(counted() - predicted) <= 0.03 * predicted  # the matching itself is the rest

@@ -9,7 +9,7 @@ import torch
 
 import tmcore
 from tmcore import IncompatibleVersionError, NoAdapterError, TokenState
-from tmcore.testing import tiny_timm_models
+from tmcore.testing import AdapterConformance, tiny_timm_models
 
 timm = pytest.importorskip("timm")
 
@@ -368,3 +368,7 @@ def test_per_block_needs_decide_hooks_and_explicit_attention(monkeypatch):
         2: {"attn": (2, 3, 65, 65), "keys": (2, 65, 16)},
         3: {"cls_attn": (2, 3, 65), "values": (2, 3, 65, 16)},
     }
+
+
+class TestTimmAdapterConformance(AdapterConformance):
+    adapter = "timm"

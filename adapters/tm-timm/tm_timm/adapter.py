@@ -18,9 +18,11 @@ needs), `_attention_probs` composes the Attention's public submodules around
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError, TokenState
@@ -132,6 +134,39 @@ class TimmViT(Adapter):
     def flops(self, model: nn.Module) -> BlockFlops:
         blk = model.blocks[0]
         return BlockFlops(dim=model.embed_dim, mlp_hidden=blk.mlp.fc1.out_features)
+
+    @classmethod
+    def tiny_models(cls) -> dict[str, Callable[[], nn.Module]]:
+        """ViT, distilled DeiT, LayerScale + QK-norm, and register tokens with average pooling:
+        64 patches (32 px, patch 4), 4 blocks, float64."""
+        try:
+            from timm.models.deit import VisionTransformerDistilled
+            from timm.models.vision_transformer import VisionTransformer
+        except ImportError:
+            return {}
+        common = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=7)
+
+        def make(model_cls: type[nn.Module], **kw: Any) -> Callable[[], nn.Module]:
+            def factory() -> nn.Module:
+                torch.manual_seed(0)
+                return model_cls(**{**common, **kw}).double().eval()
+
+            return factory
+
+        return {
+            "vit": make(VisionTransformer),
+            "deit_distilled": make(VisionTransformerDistilled),
+            "layerscale_qknorm": make(VisionTransformer, init_values=0.5, qk_norm=True),
+            "reg4_avgpool": make(
+                VisionTransformer, class_token=False, reg_tokens=4, global_pool="avg", no_embed_class=True
+            ),
+        }
+
+    def example_inputs(self, model: nn.Module, batch: int = 3, seed: int = 1) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        chans = model.patch_embed.proj.in_channels
+        dtype = next(model.parameters()).dtype
+        return {"x": torch.randn(batch, chans, *model.patch_embed.img_size, generator=gen, dtype=dtype)}
 
     def check(self, model: nn.Module) -> None:
         from timm.layers import Attention
