@@ -18,11 +18,15 @@ import torch
 from torch import nn
 
 import tmcore
+from tmcore.flops import BlockFlops
+from tmcore.inputs import Inputs, batch_size, call, device_type, split_samples
+from tmcore.inputs import rows as input_rows
 
 __all__ = [
     "Setting",
     "BenchRow",
     "vit_macs",
+    "flop_model",
     "sample_counts",
     "top1_and_flop_ratio",
     "variants",
@@ -93,17 +97,17 @@ class BenchRow:
 
 
 def vit_macs(token_counts: Sequence[Any], dim: int, mlp_ratio: float = 4.0) -> Any:
-    """Multiply-accumulates of the transformer blocks of a ViT, from traced token counts.
+    """Multiply-accumulates of a ViT's blocks from traced token counts (`BlockFlops` with the MLP
+    ``mlp_ratio`` times wider than ``dim``): ``4 n C^2 + 2 n^2 C + 2 mlp_ratio n' C^2`` per block,
+    ``n`` tokens entering it and ``n'`` leaving it. Counts may be ``[B]`` tensors (per sample)."""
+    return BlockFlops(dim, int(mlp_ratio * dim)).macs(token_counts)
 
-    ``token_counts[l]`` tokens enter block ``l`` (attention runs on them) and
-    ``token_counts[l + 1]`` leave it (the MLP runs on those, after the reduction):
-    ``4 n C^2`` (qkv + proj) ``+ 2 n^2 C`` (QK^T and AV) ``+ 2 mlp_ratio n' C^2`` (MLP).
-    Counts may be ``[B]`` tensors (adaptive reducers): the result is then per sample.
-    """
-    total = 0.0
-    for n, n_mid in zip(token_counts[:-1], token_counts[1:]):
-        total = total + 4 * n * dim**2 + 2 * n * n * dim + 2 * mlp_ratio * n_mid * dim**2
-    return total
+
+def flop_model(model: nn.Module) -> BlockFlops:
+    """The FLOP model ``model``'s adapter supplies (`tmcore.Adapter.flops`)."""
+    from tmcore.registry import registry
+
+    return registry.find_adapter(model).obj().flops(model)
 
 
 def sample_counts(token_counts: Sequence[int | torch.Tensor], batch: int) -> list[torch.Tensor]:
@@ -112,27 +116,30 @@ def sample_counts(token_counts: Sequence[int | torch.Tensor], batch: int) -> lis
     return [torch.full((batch,), float(c)) if isinstance(c, int) else c.detach().double().cpu() for c in token_counts]
 
 
-def _counts(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Tokens entering each block, then leaving the last, per sample of ``x``: ``L + 1`` x ``[B]``."""
+def _counts(model: nn.Module, x: Inputs) -> list[torch.Tensor]:
+    """Tokens entering each block, then leaving the last, per sample of ``x``: ``L + 1`` x ``[B]``
+    (real tokens only, for padded text)."""
     with tmcore.trace(model) as t, torch.inference_mode():
-        model(x)
-    return sample_counts(t.token_counts, x.shape[0])
+        call(model, x)
+    return sample_counts(t.token_counts, batch_size(x))
 
 
 def top1_and_flop_ratio(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250
 ) -> tuple[float, float]:
-    """Top-1 of a (reduced) ViT on preprocessed ``images`` ``[N, ...]`` with ``labels`` ``[N]``,
-    and its mean per-image FLOP ratio to the unreduced model (analytic, from traced counts)."""
-    dim, mlp_ratio = _block_dims(model)
+    """Top-1 of a (reduced) model on preprocessed ``images`` ``[N, ...]`` with ``labels`` ``[N]``,
+    and its mean per-image FLOP ratio to the unreduced model (the adapter's FLOP model on traced
+    counts)."""
+    flops = flop_model(model)
     correct, macs = 0, []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             with tmcore.trace(model) as t:
                 out = model(images[i : i + batch_size])
             correct += int((out.argmax(-1) == labels[i : i + batch_size]).sum())
-            macs.append(vit_macs(sample_counts(t.token_counts, len(out)), dim, mlp_ratio))
-    dense = vit_macs([_unreduced_tokens(model)] * (len(model.blocks) + 1), dim, mlp_ratio)
+            macs.append(flops.macs(sample_counts(t.token_counts, len(out))))
+    n_blocks = len(t.token_counts) - 1
+    dense = flops.macs([_unreduced_tokens(model)] * (n_blocks + 1))
     return correct / len(images), float(torch.cat(macs).mean() / dense)
 
 
@@ -142,17 +149,16 @@ def _mean(count: torch.Tensor) -> float:
     return int(value) if bool((count == count[0]).all()) else round(value, 1)
 
 
+def flop_blocks(model: nn.Module) -> Sequence[nn.Module]:
+    from tmcore.registry import registry
+
+    return registry.find_adapter(model).obj().blocks(model)
+
+
 def _unreduced_tokens(model: nn.Module) -> int:
     from tmcore.registry import registry
 
     return registry.find_adapter(model).obj().describe(model).num_tokens
-
-
-def _block_dims(model: nn.Module) -> tuple[int, float]:
-    blk = model.blocks[0]
-    dim = blk.norm1.normalized_shape[0]
-    hidden = blk.mlp.fc1.out_features
-    return dim, hidden / dim
 
 
 def variants(model: nn.Module, settings: Sequence[Setting]) -> list[tuple[Setting, nn.Module]]:
@@ -165,7 +171,7 @@ def variants(model: nn.Module, settings: Sequence[Setting]) -> list[tuple[Settin
 
 def compare(
     models: Sequence[tuple[Setting, nn.Module]],
-    inputs: torch.Tensor,
+    inputs: Inputs,
     *,
     rounds: int = 10,
     warmup: int = 2,
@@ -181,20 +187,21 @@ def compare(
     Returns one row per variant; ratios are against the first.
     """
     model = models[0][1]
-    device_type = inputs.device.type
-    singles = list(inputs.split(1))
+    device = device_type(inputs)
+    batch = batch_size(inputs)
+    singles = split_samples(inputs)
 
-    def run(m: nn.Module, batches: list[torch.Tensor]) -> float:
+    def run(m: nn.Module, batches: list[Inputs]) -> float:
         with (
             torch.inference_mode(),
-            torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+            torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None),
         ):
-            if device_type == "cuda":
+            if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            for batch in batches:
-                m(batch)
-            if device_type == "cuda":
+            for x in batches:
+                call(m, x)
+            if device == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - start
 
@@ -212,24 +219,26 @@ def compare(
             if progress:
                 progress(i * len(models) + j + 1, total)
 
-    dim, mlp_ratio = _block_dims(model)
+    flops = flop_model(model)
     reduced_counts = [_counts(m, inputs) for _, m in models[1:]]
-    n0 = int(reduced_counts[0][0][0]) if reduced_counts else _unreduced_tokens(model)
-    all_counts = [[torch.full((inputs.shape[0],), float(n0))] * (len(model.blocks) + 1), *reduced_counts]
+    # unreduced: every sample's own (real) token count through every block
+    n0 = reduced_counts[0][0] if reduced_counts else torch.full((batch,), float(_unreduced_tokens(model)))
+    n_blocks = len(reduced_counts[0]) - 1 if reduced_counts else len(flop_blocks(model))
+    all_counts = [[n0] * (n_blocks + 1), *reduced_counts]
     rows: list[BenchRow] = []
     for j, ((s, m), per_sample) in enumerate(zip(models, all_counts)):
         med = statistics.median(times[0][j])
-        single = inputs.shape[0] / statistics.median(times[1][j]) if one_at_a_time else None
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        single = batch / statistics.median(times[1][j]) if one_at_a_time else None
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             peak = peak_memory_mb(m, inputs)
-        macs = float(vit_macs(per_sample, dim, mlp_ratio).mean())  # adaptive reducers: mean over the batch
+        macs = float(flops.macs(per_sample).mean())  # per-sample counts: mean over the batch
         counts = [_mean(c) for c in per_sample]
         rows.append(
             BenchRow(
                 reducer=s.reducer or "none",
                 config=dict(s.config),
                 label=s.label,
-                images_per_s=inputs.shape[0] / med,
+                images_per_s=batch / med,
                 speedup=0.0,
                 gmacs=macs / 1e9,
                 flop_ratio=0.0,
@@ -247,24 +256,24 @@ def compare(
     return rows
 
 
-def peak_memory_mb(model: nn.Module, inputs: torch.Tensor) -> float:
+def peak_memory_mb(model: nn.Module, inputs: Inputs) -> float:
     """Peak memory of one inference forward above what was allocated before it, in MiB.
 
     CUDA: the allocator's peak. CPU: the running sum of the profiler's allocation events.
     """
     with torch.inference_mode():
-        if inputs.device.type == "cuda":
+        if device_type(inputs) == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            model(inputs)
+            call(model, inputs)
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
         from torch.profiler import ProfilerActivity, profile
 
         os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # keep the profiler's start/stop lines off the terminal
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(inputs)
+            call(model, inputs)
     events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
     current = peak = 0
     for e in events:
@@ -275,20 +284,29 @@ def peak_memory_mb(model: nn.Module, inputs: torch.Tensor) -> float:
 
 def fidelity(
     models: Sequence[nn.Module],
-    images: torch.Tensor,
+    data: Inputs,
     labels: torch.Tensor | None = None,
     batch_size: int = 100,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[dict[str, float]]:
     """Accuracy cost of each model: ``top1`` against ``labels`` when given, else ``agreement``
-    (same argmax) and ``cosine`` (mean cosine of outputs) with ``models[0]``, the unreduced one."""
+    (same argmax) and ``cosine`` (mean cosine of outputs) with ``models[0]``, the unreduced one.
+    Outputs are what the adapter compares (`tmcore.Adapter.output_tensor`): logits, or for a bare
+    text encoder its size-weighted mean-pooled embedding."""
+    from tmcore.inputs import batch_size as count
+    from tmcore.registry import registry
+
     outputs = []
-    device_type = images.device.type
-    with torch.inference_mode(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    device = device_type(data)
+    n = count(data)
+    with torch.inference_mode(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for m in models:
-            outputs.append(
-                torch.cat([m(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)])
-            )
+            adapter = registry.find_adapter(m).obj()
+            chunks = [
+                adapter.output_tensor(m, call(m, input_rows(data, i, i + batch_size))).float()
+                for i in range(0, n, batch_size)
+            ]
+            outputs.append(torch.cat(chunks))
     if labels is not None:
         return [{"top1": (o.argmax(-1) == labels).float().mean().item()} for o in outputs]
     ref = outputs[0]
@@ -373,13 +391,13 @@ def plot(rows: Sequence[BenchRow], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def reduction_share(model: nn.Module, inputs: torch.Tensor, runs: int = 5) -> float:
+def reduction_share(model: nn.Module, inputs: Inputs, runs: int = 5) -> float:
     """Median fraction of a patched model's forward time spent in tmcore's score / match /
     reduce step (wall clock around each step; no profiler, whose per-op overhead would inflate
     the many small ops of the step)."""
     runtime = tmcore.get_patch(model).runtime
     step = runtime.step
-    sync = torch.cuda.synchronize if inputs.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device_type(inputs) == "cuda" else (lambda: None)
     spent = [0.0]
 
     def timed_step(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -394,12 +412,12 @@ def reduction_share(model: nn.Module, inputs: torch.Tensor, runs: int = 5) -> fl
     runtime.step = timed_step  # type: ignore[method-assign]
     try:
         with torch.inference_mode():
-            model(inputs)
+            call(model, inputs)
             for _ in range(runs):
                 spent[0] = 0.0
                 sync()
                 start = time.perf_counter()
-                model(inputs)
+                call(model, inputs)
                 sync()
                 shares.append(spent[0] / (time.perf_counter() - start))
     finally:

@@ -110,17 +110,78 @@ def load_model(spec: str, pretrained: bool = False, checkpoint: str | None = Non
         with torch.random.fork_rng():
             torch.manual_seed(0)  # random-init weights: the same model in every run
             return timm.create_model(name, pretrained=pretrained or bool(checkpoint), **kwargs).eval()
-    path = Path(spec)
+    path = Path(name if sep and kind == "hf" else spec)
     if path.is_dir() and (path / "config.json").exists():
-        try:
-            from transformers import AutoModel
-        except ImportError as exc:
-            raise CliError(f"--model {spec!r}: a transformers directory needs transformers installed") from exc
-        return AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        return _load_hf(path)
+    if sep and kind == "hf":
+        raise CliError(f"--model {spec!r}: {name!r} is not a directory with a config.json (save_pretrained output)")
     raise CliError(
         f"--model {spec!r}: expected a bundled model ({', '.join(models.available())}), timm:NAME, "
-        f"or a local transformers model directory"
+        f"or hf:PATH (a local transformers model directory)"
     )
+
+
+def _load_hf(path: Path) -> Any:
+    """The model class named by the directory's config (``architectures``: the task head it was
+    saved with), else the bare ``AutoModel``; local files only."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise CliError(f"--model {path}: a transformers directory needs transformers installed") from exc
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cls = cls or transformers.AutoModel
+    return cls.from_pretrained(str(path), local_files_only=True).eval()
+
+
+def _read_texts(path: str | None) -> list[str]:
+    """Sentences, one per line, from ``--texts`` or the bundled sample."""
+    if path is None:
+        from importlib import resources
+
+        text = resources.files("tmcore.models").joinpath("sentences.txt").read_text(encoding="utf-8")
+    else:
+        if not Path(path).is_file():
+            raise CliError(f"--texts {path!r}: no such file (expected sentences, one per line)")
+        text = Path(path).read_text(encoding="utf-8")
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise CliError(f"--texts {path!r}: no sentences in the file")
+    return texts
+
+
+def _tokenize(spec: str, texts: list[str], device: str) -> dict[str, Any]:
+    """Token ids and a right-padded attention mask for ``texts``, with the model directory's tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = spec.partition(":")[2] if spec.startswith("hf:") else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--model {spec!r}: a text model needs its tokenizer in the directory ({exc})") from None
+    tokenizer.padding_side = "right"
+    enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _inputs(args: argparse.Namespace, model: Any) -> tuple[Any, Any, Any]:
+    """``(timed batch, all data for fidelity, labels or None)`` for ``--model``: the bundled
+    images, sentences for text models (``--texts``), else random inputs of the model's shape."""
+    from tmcore import models
+    from tmcore.registry import registry
+
+    if args.model in models.available():
+        images, labels = models.load_samples(args.model)
+        data = models.preprocess(images, model).to(args.device)
+        return data[: args.batch_size], data, labels.to(args.device)
+    adapter = registry.find_adapter(model).obj()
+    if adapter.describe(model).modality == "text":
+        texts = _read_texts(getattr(args, "texts", None))
+        batch = [texts[i % len(texts)] for i in range(args.batch_size)]
+        return _tokenize(args.model, batch, args.device), _tokenize(args.model, texts, args.device), None
+    inputs = {k: v.to(args.device) for k, v in adapter.example_inputs(model, args.batch_size, seed=0).items()}
+    return inputs, inputs, None
 
 
 def _progress(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -195,18 +256,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_model(args.model, args.pretrained, args.checkpoint).to(args.device)
     registry.find_adapter(model)  # no adapter: a clear error before any input is built
-    labels = None
-    if args.model in models.available():
-        images, labels = models.load_samples(args.model)
-        data = models.preprocess(images, model).to(args.device)
-        labels = labels.to(args.device)
-        inputs = data[: args.batch_size]
-    else:
-        size = model.patch_embed.img_size
-        chans = model.patch_embed.proj.in_channels
-        gen = torch.Generator().manual_seed(0)
-        inputs = torch.randn(args.batch_size, chans, *size, generator=gen).to(args.device)
-        data = inputs
+    inputs, data, labels = _inputs(args, model)
     patched = variants(model, settings)
     update, close = _progress("measuring")
     rows = compare(
@@ -229,6 +279,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
     )
     fid_cols = ["top-1"] if labels is not None else ["agreement", "cosine"]
+    unit = "sentences/s" if isinstance(inputs, dict) and "input_ids" in inputs else "images/s"
     table = []
     for row in rows:
         fid_vals = (
@@ -252,10 +303,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 *single,
             ]
         )
-    single_cols = ["images/s 1-by-1", "batch gain"] if args.one_at_a_time else []
+    single_cols = [f"{unit} 1-by-1", "batch gain"] if args.one_at_a_time else []
     _print_table(
         title,
-        ["reducer", "images/s", "speed-up", "GMACs", "FLOP ratio", "tokens out", "peak MiB", *fid_cols, *single_cols],
+        ["reducer", unit, "speed-up", "GMACs", "FLOP ratio", "tokens out", "peak MiB", *fid_cols, *single_cols],
         table,
     )
     if args.show_counts:
@@ -293,6 +344,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     setting = _one_setting(args.reducer)
     rank, world, device = init_distributed(args.device)
     model = load_model(args.model, args.pretrained, args.checkpoint).to(device)
+    if _modality(model) == "text":
+        return _eval_text(args, model, setting, device)
     if setting:
         setting.apply(model)
     if args.data:
@@ -319,6 +372,64 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+def _modality(model: Any) -> str:
+    from tmcore.registry import registry
+
+    return registry.find_adapter(model).obj().describe(model).modality
+
+
+def _eval_text(args: argparse.Namespace, model: Any, setting: Any, device: str) -> int:
+    """A text model has no labelled set here: how close the reduced model stays to the
+    unreduced one on ``--texts`` (mean cosine of pooled embeddings, agreement of predictions
+    where the model has a head) and how many tokens it keeps."""
+    import copy
+
+    import torch
+
+    import tmcore
+    from tmcore.bench import fidelity
+
+    if setting is None:
+        raise CliError("eval of a text model compares a reduced model with the unreduced one: pass --reducer SPEC")
+    texts = _read_texts(args.texts)
+    data = _tokenize(args.model, texts, device)
+    reduced = setting.apply(copy.deepcopy(model))
+    fid = fidelity([model, reduced], data, batch_size=args.batch_size)[1]
+    with torch.inference_mode(), tmcore.trace(reduced) as t:
+        reduced(**data)
+    tokens_in = float(data["attention_mask"].sum(1).double().mean())
+    tokens_out = float(torch.as_tensor(t.token_counts[-1]).double().mean())
+    head = _has_head(model, data)
+    agreement = f", agreement {100 * fid['agreement']:.1f}%" if head else ""
+    print(
+        f"{args.model} ({setting.reducer} {setting.config}) on {len(texts)} sentences: cosine to unreduced "
+        f"{fid['cosine']:.4f}{agreement}, tokens {tokens_in:.1f} -> {tokens_out:.1f}"
+    )
+    if args.json:
+        summary = {
+            "model": args.model,
+            "reducer": [setting.reducer, setting.config],
+            "sentences": len(texts),
+            "cosine": fid["cosine"],
+            "agreement": fid["agreement"] if head else None,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+        }
+        Path(args.json).write_text(json.dumps(summary))
+    return 0
+
+
+def _has_head(model: Any, data: dict[str, Any]) -> bool:
+    """Whether the model predicts (its output has logits) rather than only embedding."""
+    import torch
+
+    from tmcore.inputs import rows
+
+    with torch.inference_mode():
+        out = model(**rows(data, 0, 1))
+    return not isinstance(out, dict) or "logits" in out
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
@@ -360,11 +471,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="bundled model name, timm:NAME, or a local transformers directory (default: %(default)s)",
+        help="bundled model name, timm:NAME, or hf:PATH, a local transformers directory (default: %(default)s)",
     )
     p.add_argument("--pretrained", action="store_true", help="timm: download pretrained weights (needs the hub)")
     p.add_argument("--checkpoint", metavar="PATH", help="timm: load weights from a local file")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--texts",
+        metavar="FILE",
+        help="text models: sentences, one per line (default: a bundled sample of 64 sentences)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -406,7 +522,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="PNG", help="accuracy (or agreement) against throughput")
     b.set_defaults(func=_cmd_bench)
 
-    e = sub.add_parser("eval", help="top-1 on a labelled image folder or the bundled images (torchrun-aware)")
+    e = sub.add_parser(
+        "eval",
+        help="top-1 on a labelled image folder or the bundled images (torchrun-aware); for a text model, "
+        "cosine and agreement with the unreduced model on --texts",
+    )
     _add_model_args(e)
     e.add_argument("--data", metavar="DIR", help="ImageFolder root (DIR/<class>/<image>); default: bundled images")
     e.add_argument("--reducer", metavar="SPEC", help="apply one reducer setting, e.g. tome:r=13")

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 import tmcore
 from tmcore.adapter import Adapter
+from tmcore.inputs import padding_mask, split_samples
 from tmcore.registry import registry
 
 __all__ = [
@@ -48,25 +49,12 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 def input_mask(inputs: dict[str, Tensor]) -> Tensor | None:
     """The ``[B, N]`` bool padding mask of text inputs, ``None`` for images."""
-    mask = inputs.get("attention_mask")
-    return None if mask is None else mask.bool()
+    return padding_mask(inputs)
 
 
 def split_inputs(inputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:
     """One input dict per sample, with its padding cut off (what the sample is alone)."""
-    mask = input_mask(inputs)
-    batch = next(iter(inputs.values())).shape[0]
-    out = []
-    for i in range(batch):
-        n = int(mask[i].sum()) if mask is not None else None
-        sample = {}
-        for k, v in inputs.items():
-            v = v[i : i + 1]
-            if n is not None and v.dim() >= 2 and v.shape[1] == mask.shape[1]:
-                v = v[:, :n]
-            sample[k] = v
-        out.append(sample)
-    return out
+    return split_samples(inputs)  # type: ignore[return-value]
 
 
 def run(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
