@@ -1,0 +1,167 @@
+"""Padding in the core: padded batches give every sample its unpadded plan, the mask enters the
+state at block 0, reducers that drop it fail loudly, and pooling weighs padding 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tmcore import BaseReducer, ModelInfo, Plan, ReducerConfig, Runtime, TmcoreError
+from tmcore.inputs import split_samples
+from tmcore.matching import bipartite_soft_matching, max_bipartite_r, prune_lowest
+from tmcore.plan import destinations, pack, select
+from tmcore.pooling import mean_pool
+from tmcore.testing import assert_padded_equals_unpadded, right_padding
+
+
+@st.composite
+def padded_cases(draw: st.DrawFn, max_tokens: int = 30) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(x [B, N, C], valid [B, N], r, p)``: right-padded samples of random lengths (the first
+    as long as the batch), ``r`` up to the 50 % cap of the padded length, some duplicate tokens."""
+    p = draw(st.integers(0, 3))
+    n = draw(st.integers(p + 2, max_tokens))
+    lengths = [n] + draw(st.lists(st.integers(p + 1, n), min_size=1, max_size=3))
+    r = draw(st.integers(0, max_bipartite_r(n, p)))
+    seed = draw(st.integers(0, 2**16))
+    x = torch.randn(len(lengths), n, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if draw(st.booleans()):  # exact ties
+        x[:, 1::3] = x[:, :1]
+    return x, right_padding(lengths, n), r, p
+
+
+def _alone(r: int, p: int):
+    """What the reducers do on one unpadded sample: r capped at half its unprotected tokens."""
+    return lambda x: min(r, max_bipartite_r(x.shape[1], p))
+
+
+@given(padded_cases())
+def test_bipartite_matching_on_a_padded_batch_equals_each_sample_alone(case):
+    x, valid, r, p = case
+    cap = _alone(r, p)
+    assert_padded_equals_unpadded(
+        lambda t, v: bipartite_soft_matching(t, r if v is not None else cap(t), p, v), x, valid
+    )
+
+
+@given(padded_cases())
+def test_pruning_on_a_padded_batch_equals_each_sample_alone(case):
+    x, valid, r, p = case
+    cap = _alone(r, p)
+    assert_padded_equals_unpadded(lambda t, v: prune_lowest(t[..., 0], r if v is not None else cap(t), p, v), x, valid)
+
+
+@given(padded_cases())
+def test_padded_merge_and_prune_plans_pair_up_for_select(case):
+    x, valid, r, p = case
+    a = bipartite_soft_matching(x, r, p, valid)
+    b = prune_lowest(x[..., 0], r, p, valid)
+    take = torch.arange(x.shape[0]) % 2 == 0
+    mixed = select(take, a, b)
+    for i in range(x.shape[0]):
+        one = a if take[i] else b
+        assert torch.equal(destinations(mixed)[i], destinations(one)[i])
+        assert torch.equal(mixed.valid[i], one.valid[i])
+
+
+def test_padded_plans_have_a_static_size_and_no_padding_in_real_groups():
+    x = torch.randn(3, 20, 4)
+    valid = right_padding([20, 11, 4], 20)
+    plan = bipartite_soft_matching(x, 6, 1, valid)
+    assert plan.num_out == 14  # N - r: no host sync to size it
+    assert plan.valid.sum(1).tolist() == [14, 11 - 5, 4 - 1]
+    dest = destinations(plan)
+    for i, n in enumerate([20, 11, 4]):
+        pad = dest[i, n:]
+        assert not plan.valid[i].gather(0, pad[pad >= 0]).any()
+
+
+def test_pack_with_a_known_size_does_not_need_the_counts():
+    candidates = torch.arange(6)
+    kept = torch.tensor([[True, True, False, True, False, False], [True, False, False, False, False, False]])
+    plan = pack(candidates, kept, 6, num_out=4)
+    assert plan.keep.shape == (2, 4)
+    assert plan.valid.tolist() == [[True, True, True, False], [True, False, False, False]]
+    assert plan.keep[0, :3].tolist() == [0, 1, 3]
+
+
+# -- the runtime ---------------------------------------------------------------------------------
+
+
+class _Nothing(BaseReducer):
+    """Keeps every token, and forgets the padding mask (what the runtime must catch)."""
+
+    name = "nothing"
+
+    def match(self, layer, keys, state):
+        return Plan.prune(torch.arange(keys.shape[1]).expand(keys.shape[0], -1), keys.shape[1])
+
+
+INFO = ModelInfo(family="test", num_layers=1, num_tokens=5, num_protected=1, class_token=True)
+
+
+def _runtime(reducer=None, full_length=False):
+    return Runtime(reducer or _Nothing(ReducerConfig(), INFO), INFO, full_length)
+
+
+def test_the_input_mask_enters_the_state_at_block_0():
+    runtime = _runtime()
+    x = torch.randn(2, 5, 4)
+    state = runtime.enter(0, x, valid=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    assert state.valid.tolist() == [[True, True, True, False, False], [True] * 5]
+    assert state.count(x).tolist() == [3, 5]
+    bias = state.attn_bias(torch.float32)
+    assert bias.shape == (2, 1, 1, 5) and torch.isinf(bias[0, 0, 0, 3:]).all() and (bias[1] == 0).all()
+    runtime.clear()
+    assert runtime.enter(0, x, valid=torch.ones(2, 5)).valid is None  # nothing padded: the fast path
+
+
+def test_left_padding_and_wrong_shapes_are_refused():
+    runtime = _runtime()
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(TmcoreError, match="padding_side='right'"):
+        runtime.enter(0, x, valid=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    with pytest.raises(TmcoreError, match=r"allowed: \[batch, tokens\] = \(2, 5\)"):
+        runtime.enter(0, x, valid=torch.ones(2, 6))
+
+
+def test_a_plan_that_forgets_the_padding_is_an_error():
+    runtime = _runtime()
+    x = torch.randn(2, 5, 4)
+    state = runtime.enter(0, x, valid=right_padding([5, 3], 5))
+    state.captured["k"] = torch.randn(2, 1, 5, 4)
+    with pytest.raises(TmcoreError, match="reducer 'nothing' returned a plan without validity"):
+        runtime.step(0, x, state, None, 1.0)
+
+
+def test_full_length_restores_the_input_layout():
+    class Merge(_Nothing):
+        def match(self, layer, keys, state):
+            return bipartite_soft_matching(keys, 2, 1)
+
+    runtime = _runtime(Merge(ReducerConfig(), INFO), full_length=True)
+    x = torch.randn(2, 5, 4)
+    state = runtime.enter(0, x)
+    state.captured["k"] = x.unsqueeze(1)
+    y = runtime.step(0, x, state, None, 1.0)
+    assert y.shape[1] == 3
+    out = runtime.exit(0, y, state)
+    assert out.shape == x.shape
+    assert torch.equal(out[:, 0], x[:, 0])  # the protected token is unchanged
+    assert state.size is None and state.valid is None
+
+
+def test_mean_pool_counts_each_token_by_its_size_and_skips_padding():
+    hidden = torch.tensor([[[1.0], [3.0], [100.0]], [[2.0], [4.0], [6.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    sizes = torch.tensor([[1.0, 3.0, 1.0], [1.0, 1.0, 2.0]])
+    assert mean_pool(hidden, mask, sizes).squeeze(-1).tolist() == [2.5, 4.5]
+    assert mean_pool(hidden, mask).squeeze(-1).tolist() == [2.0, 4.0]
+
+
+def test_split_samples_cuts_each_samples_padding():
+    inputs = {"input_ids": torch.arange(8).view(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    one, two = split_samples(inputs)
+    assert one["input_ids"].tolist() == [[0, 1, 2, 3]]
+    assert two["input_ids"].tolist() == [[4, 5]] and two["attention_mask"].tolist() == [[1, 1]]
