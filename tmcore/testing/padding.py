@@ -7,9 +7,23 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from tmcore.adapter import explicit_attention
 from tmcore.plan import Plan, merge_tokens
+from tmcore.reducer import TokenReducer
+from tmcore.runtime import Runtime
+from tmcore.state import LayerInputs, TokenState
 
-__all__ = ["assert_padded_equals_unpadded", "right_padding"]
+__all__ = [
+    "assert_padded_equals_unpadded",
+    "assert_blocks_equal_samples",
+    "right_padding",
+    "project_qkv",
+    "layer_inputs",
+    "run_blocks",
+]
+
+HEADS = 2
+"""Heads of the stand-in attention of `project_qkv` (token widths must divide by it)."""
 
 
 def right_padding(lengths: list[int], n: int, device: torch.device | None = None) -> Tensor:
@@ -50,3 +64,74 @@ def _destinations(plan: Plan) -> Tensor:
     from tmcore.plan import destinations
 
     return destinations(plan)
+
+
+def project_qkv(x: Tensor, heads: int = HEADS) -> tuple[Tensor, Tensor, Tensor]:
+    """A stand-in attention's q, k, v ``[B, H, N, C / H]``: fixed random projections of each
+    token of ``x`` ``[B, N, C]``, so a sample's tokens get the same q, k, v padded and alone."""
+    b, n, c = x.shape
+    w = torch.randn(3, c, c, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    q, k, v = ((x @ w[i]).view(b, n, heads, c // heads).transpose(1, 2) for i in range(3))
+    return q, k, v
+
+
+def _scale(x: Tensor, heads: int) -> float:
+    return (x.shape[-1] // heads) ** -0.5
+
+
+def layer_inputs(reducer: TokenReducer, layer: int, x: Tensor, state: TokenState, heads: int = HEADS) -> LayerInputs:
+    """What block ``layer`` hands ``reducer`` for tokens ``x`` under ``state`` (its padding bias
+    included), from `project_qkv`."""
+    q, k, v = project_qkv(x, heads)
+    return LayerInputs({"q": q, "k": k, "v": v}, state.attn_bias(x.dtype), _scale(x, heads), reducer.needs(layer))
+
+
+def run_blocks(
+    reducer: TokenReducer, x: Tensor, valid: Tensor | None = None, training: bool = False, heads: int = HEADS
+) -> tuple[Tensor, TokenState, list[int | Tensor]]:
+    """Every block of ``reducer.info`` through the core's `Runtime` as an adapter drives it, with
+    `project_qkv` standing in for each block's attention (explicit probabilities where the block
+    needs them or a soft mask is set; no MLP).
+
+    Returns:
+        ``(tokens after the last block, the final state, tokens entering each block then leaving
+        the last)``.
+    """
+    rt = Runtime(reducer, reducer.info)
+    counts: list[int | Tensor] = []
+    for layer in range(reducer.info.num_layers):
+        state = rt.enter(layer, x, training=training, valid=valid if layer == 0 else None)
+        counts.append(state.count(x))
+        q, k, v = project_qkv(x, heads)
+        for name, t in zip("qkv", (q, k, v)):
+            rt.capture(name, t)
+        bias = state.attn_bias(x.dtype)
+        if state.mask is not None or "attn" in rt.layer_needs[layer]:
+            explicit_attention(q, k, v, _scale(x, heads), bias, state, rt)
+        x = rt.exit(layer, rt.step(layer, x, state, bias, _scale(x, heads)), state)
+    counts.append(state.count(x))
+    return x, state, counts
+
+
+def assert_blocks_equal_samples(
+    reducer: TokenReducer, x: Tensor, lengths: list[int], training: bool = False
+) -> tuple[TokenState, list[int | Tensor]]:
+    """Assert that `run_blocks` on ``x`` right-padded to ``lengths`` gives every sample what it
+    gives alone, unpadded: its features, sizes, soft mask and token count after every block.
+
+    Returns:
+        The padded run's final state and counts, for further checks.
+    """
+    with torch.no_grad():
+        out, state, counts = run_blocks(reducer, x, right_padding(lengths, x.shape[1]), training)
+        for i, n_i in enumerate(lengths):
+            alone, alone_state, alone_counts = run_blocks(reducer, x[i : i + 1, :n_i], None, training)
+            got = [int(c if isinstance(c, int) else c[i]) for c in counts]
+            assert got == [int(c if isinstance(c, int) else c[0]) for c in alone_counts], f"sample {i}: counts"
+            m_i = alone.shape[1]
+            torch.testing.assert_close(out[i, :m_i], alone[0], rtol=1e-9, atol=1e-9)
+            if alone_state.size is not None:
+                torch.testing.assert_close(state.size[i, :m_i], alone_state.size[0], rtol=0, atol=0)
+            if alone_state.mask is not None:
+                torch.testing.assert_close(state.mask[i, :m_i], alone_state.mask[0], rtol=0, atol=0)
+    return state, counts

@@ -73,6 +73,18 @@ class LTMPConfig(ReducerConfig):
     )
 
 
+def _real_first(valid: Tensor, order: Tensor | None) -> Tensor:
+    """``[B, N]`` long: `concat_order` (``None``: the identity), then each sample's padding moved
+    behind its real tokens (a stable partition), so real tokens come first in their order alone.
+
+    Args:
+        valid: ``[B, N]`` bool in ``cat([A, B])`` order; order: ``[N]`` long or ``None``.
+    """
+    base = torch.arange(valid.shape[1], device=valid.device) if order is None else order
+    padding = (~valid[:, base]).to(torch.uint8)
+    return base[torch.sort(padding, dim=1, stable=True).indices]
+
+
 class LTMP(BaseReducer):
     """Learned Thresholds token Merging and Pruning (Bonnaerens & Dambre, TMLR 2023).
 
@@ -178,13 +190,18 @@ class LTMP(BaseReducer):
         ``x`` ``[B, N, C]`` keeps all ``N`` slots; merged and pruned tokens are switched off in
         the mask (straight-through, so the thresholds get gradients through the next blocks'
         attention and the FLOPs loss). Merged features use the *detached* mask (4.4).
+
+        Padded input (``state.valid``): importance averages the real query rows only (switched-off
+        real tokens included, as alone), padding is never a merge source or destination, and the
+        new order puts each sample's real tokens first, in their order alone (``state.valid``
+        stays true: nothing is removed, so every sample keeps its count).
         """
-        mode, tau, p = self.config.mode, self.config.tau, state.num_protected
+        mode, tau, p, valid = self.config.mode, self.config.tau, state.num_protected, state.valid
         theta_merge, theta_prune = self._thresholds(layer, x.device)
         mask = state.mask
         assert mask is not None
         if mode != "merge":
-            imp = importance(inputs.attn, p, keep_top=self.keep_top)
+            imp = importance(inputs.attn, p, valid, keep_top=self.keep_top)
         if mode == "prune":
             state.mask = torch.where(mask.bool(), threshold_mask(imp, theta_prune, tau), mask)
             return x
@@ -193,7 +210,7 @@ class LTMP(BaseReducer):
 
         b, n, c = x.shape
         size = state.size if state.size is not None else x.new_ones(b, n, 1)
-        best, idx = best_match(inputs.keys, p, weight=mask.detach())
+        best, idx = best_match(inputs.keys, p, weight=mask.detach(), valid=valid)
         merge = threshold_mask(best, theta_merge, tau)  # [B, Na]
         w = merge.detach().unsqueeze(-1)
         mask_a, mask_b = mask[:, ::2], mask[:, 1::2]
@@ -218,7 +235,11 @@ class LTMP(BaseReducer):
             mask = torch.where(mask.bool(), threshold_mask(imp, theta_prune, tau), mask)
 
         order = concat_order(n, p, x.device)
-        if order is not None:
+        if valid is not None:
+            index = _real_first(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1), order)
+            x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, c))
+            size, mask = size.gather(1, index.unsqueeze(-1)), mask.gather(1, index)
+        elif order is not None:
             x, size, mask = x[:, order], size[:, order], mask[:, order]
         state.size = size
         state.mask = mask

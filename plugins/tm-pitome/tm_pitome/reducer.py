@@ -2,6 +2,10 @@
 
 Config and defaults live here; the method itself is `tm_pitome.energy` and `tm_pitome.merge`.
 Defaults follow the original's patch for the model's family (see `PiToMe.setup`).
+
+Padded batches (``state.valid`` set, text models): every sample removes ``r_i`` tokens computed
+from its own token count, with energies over its own real tokens, as it would alone; the plan
+is ragged with a static size (`tm_pitome.merge.padded_bounds`), so nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -13,14 +17,31 @@ import torch
 from pydantic import Field, PlainSerializer, PlainValidator
 from torch import Tensor
 
-from tm_pitome.merge import VARIANTS, Variant, energy_scores, merge_count
+from tm_pitome.merge import (
+    VARIANTS,
+    Variant,
+    bsm_plan_padded,
+    energy_scores,
+    padded_bounds,
+    padded_plan,
+    removed,
+    removed_each,
+)
 from tmcore import BaseReducer, InvalidConfigError, Plan, ReducerConfig, TokenState
+from tmcore.matching import bipartite_soft_matching
 from tmcore.state import LayerInputs
 
-__all__ = ["PiToMe", "PiToMeConfig", "TEXT_LAYERS"]
+__all__ = ["PiToMe", "PiToMeConfig", "TEXT_LAYERS", "CLIP_FAMILY", "CLIP_BSM_LAST"]
 
 TEXT_LAYERS = 3
 """Text models reduce only their first three layers by default (the original's BERT patches)."""
+
+CLIP_FAMILY = "transformers.clip"
+"""The Hugging Face CLIP vision tower (the adapter's family name): the original's ``clip_hf`` patch."""
+
+CLIP_BSM_LAST = 12
+"""``clip_hf`` runs ``bsm`` in encoder layers ``0..12`` and ``pitome`` after: the original hard-codes
+index 12, written for LLaVA-1.5's 24-layer ViT-L/14 (a 12-layer tower runs ``bsm`` throughout)."""
 
 _VARIANT_NAMES = get_args(Variant)
 
@@ -132,8 +153,9 @@ class PiToMeConfig(ReducerConfig):
     )
     variant: VariantSchedule | None = Field(
         default=None,
-        description="'pitome', 'pitome_bsm' or 'pitome_text', or a per-block list; default as the original: "
-        "pitome_bsm in the first ceil(L/2) blocks then pitome (MAE: the reverse; text: pitome_text)",
+        description="'pitome', 'pitome_bsm', 'pitome_text' or 'bsm', or a per-block list; default as the original: "
+        "pitome_bsm in the first ceil(L/2) blocks then pitome (MAE: the reverse; text: pitome_text; "
+        "HF CLIP: bsm in blocks 0-12 then pitome)",
     )
     prop_attn: Annotated[bool, PlainValidator(_validate_prop_attn)] = Field(
         default=False, description="proportional attention (+log(size) on attention logits), off as in the original"
@@ -146,18 +168,24 @@ class PiToMeConfig(ReducerConfig):
 
 
 class _Scores(NamedTuple):
-    """One layer's score: the similarity and the energy order of the non-protected tokens."""
+    """One layer's score: the similarity and the energy order of the non-protected tokens
+    (``bsm``: the keys, no order). On a padded batch, also each sample's count and the bounds."""
 
-    sim: Tensor  # [B, T, T]
-    order: Tensor  # [B, T]
-    r: int
+    metric: Tensor  # [B, T, T] similarity; bsm: [B, N, d] keys
+    order: Tensor | None  # [B, T] by descending energy (padding last); bsm: None
+    r: int  # tokens to remove; padded: the most any sample removes (r_max)
+    each: Tensor | None = None  # padded: [B] long r_i
+    valid: Tensor | None = None  # padded: [B, N] bool
+    slots: int = 0  # padded: static output size (m_max)
 
 
 class PiToMe(BaseReducer):
     """PiToMe, spectrum-preserving token merging. In each block, after attention: score every
     unprotected token by the energy of its neighbourhood (head-mean keys), then merge
     ``floor(T - ratio * T)`` tokens by the block's procedure, highest-energy tokens first;
-    features are averaged by size. Protected prefix tokens never merge.
+    features are averaged by size. Protected prefix tokens never merge. On Hugging Face CLIP
+    (`CLIP_FAMILY`) it follows the original's ``clip_hf`` patch: after the whole encoder layer
+    (``position = "layer"``), plain-mean merging, ``bsm`` then ``pitome``.
     """
 
     name: ClassVar[str] = "pitome"
@@ -168,13 +196,19 @@ class PiToMe(BaseReducer):
     example_configs = ({"ratio": 0.95}, {"ratio": 0.925}, {"ratio": 0.9})
 
     config: PiToMeConfig
+    position: str = "attention"
+    """Where blocks reduce (`tmcore.runtime.POSITIONS`): ``layer`` on HF CLIP, as the original."""
 
     def setup(self) -> None:
         cfg, info = self.config, self.info
         n_layers = info.num_layers
         text = info.modality == "text"
+        clip = info.family == CLIP_FAMILY
+        if clip:  # the original's clip_hf merges the hidden state after each whole encoder layer
+            self.position = "layer"
         self.prop_attn = cfg.prop_attn
-        self.size_weighted = (not text) if cfg.size_weighted is None else cfg.size_weighted
+        # plain means: the original's text patches (sizes reset) and clip_hf (merge_mean)
+        self.size_weighted = (not text and not clip) if cfg.size_weighted is None else cfg.size_weighted
 
         if isinstance(cfg.ratio, list):
             ratios = self._per_block("ratio", cfg.ratio)
@@ -186,7 +220,7 @@ class PiToMe(BaseReducer):
 
         margin = cfg.margin
         if margin is None:  # the original's hard-coded schedules, computed as it computes them
-            start, drop = (0.9, 0.25) if text else (0.75, 0.75)
+            start, drop = (0.9, 0.25) if text else (0.9, 0.9) if clip else (0.75, 0.75)
             margins = [start - drop * (i / n_layers) for i in range(n_layers)]
         elif isinstance(margin, list):
             margins = self._per_block("margin", margin)
@@ -202,6 +236,8 @@ class PiToMe(BaseReducer):
             half = math.ceil(n_layers / 2)
             if text:
                 variants = ["pitome_text"] * n_layers
+            elif clip:
+                variants = ["bsm" if i <= CLIP_BSM_LAST else "pitome" for i in range(n_layers)]
             elif info.mae:  # the original's MAE patch inverts the DeiT order
                 variants = ["pitome"] * half + ["pitome_bsm"] * (n_layers - half)
             else:
@@ -228,13 +264,20 @@ class PiToMe(BaseReducer):
             )
         return list(values)
 
-    def token_counts(self, num_tokens: int, num_protected: int | None = None) -> list[int]:
-        """Tokens entering each block, then the count leaving the last block (static)."""
+    def token_counts(self, num_tokens: int | Tensor, num_protected: int | None = None) -> list[Any]:
+        """Tokens entering each block, then the count leaving the last block (static).
+
+        ``num_tokens`` a ``[B]`` long tensor (the real lengths of a padded batch): ``[B]``
+        tensors, each sample's counts alone, as a trace of the padded batch reports them.
+        """
         p = self.info.num_protected if num_protected is None else num_protected
         counts = [num_tokens]
-        for ratio in self.ratios:
+        for variant, ratio in zip(self.variants, self.ratios):
             t = counts[-1] - p
-            counts.append(counts[-1] - (merge_count(t, ratio) if ratio < 1.0 else 0))
+            if isinstance(t, Tensor):
+                counts.append(counts[-1] - removed_each(variant, t, ratio, p))
+            else:
+                counts.append(counts[-1] - removed(variant, t, ratio, p))
         return counts
 
     def needs(self, layer: int) -> frozenset[str]:
@@ -245,18 +288,50 @@ class PiToMe(BaseReducer):
         if ratio >= 1.0:
             return None
         keys = inputs.keys
-        p = state.num_protected
-        r = merge_count(keys.shape[1] - p, ratio)
+        p, variant = state.num_protected, self.variants[layer]
+        if state.valid is not None:
+            return self._score_padded(layer, keys, state.valid, p)
+        r = removed(variant, keys.shape[1] - p, ratio, p)
         if r <= 0:  # too few tokens left to remove one; the original would only re-order them
             return None
-        sim, order = energy_scores(keys[:, p:], self.margins[layer], self.variants[layer], self.config.alpha)
+        if variant == "bsm":
+            return _Scores(keys, None, r)
+        sim, order = energy_scores(keys[:, p:], self.margins[layer], variant, self.config.alpha)
         return _Scores(sim, order, r)
+
+    def _score_padded(self, layer: int, keys: Tensor, valid: Tensor, p: int) -> _Scores | None:
+        """`score` on a padded batch: ``r_i`` from each sample's own real tokens, energies over
+        them only, padding ranked last; the static bounds come from the padded length."""
+        ratio, variant = self.ratios[layer], self.variants[layer]
+        width, slots = padded_bounds(variant, keys.shape[1] - p, ratio, p)
+        if width == 0:  # no sample can remove a token
+            return None
+        real = valid[:, p:]
+        each = removed_each(variant, real.sum(1), ratio, p)
+        if variant == "bsm":
+            return _Scores(keys, None, width, each, valid, slots)
+        sim, order = energy_scores(keys[:, p:], self.margins[layer], variant, self.config.alpha, real)
+        return _Scores(sim, order, width, each, valid, slots)
 
     def match(self, layer: int, scores: _Scores | None, state: TokenState) -> Plan | None:
         if scores is None:
             return None
+        variant, p = self.variants[layer], state.num_protected
         with torch.no_grad():
-            plan = VARIANTS[self.variants[layer]](scores.sim, scores.order, scores.r, state.num_protected)
+            if scores.each is not None:
+                assert scores.valid is not None
+                if variant == "bsm":
+                    plan = bsm_plan_padded(scores.metric, scores.each, scores.valid, p, scores.r, scores.slots)
+                else:
+                    assert scores.order is not None
+                    plan = padded_plan(
+                        variant, scores.metric, scores.order, scores.each, scores.valid, scores.r, scores.slots
+                    )
+            elif variant == "bsm":
+                plan = bipartite_soft_matching(scores.metric, scores.r, p)
+            else:
+                assert scores.order is not None
+                plan = VARIANTS[variant](scores.metric, scores.order, scores.r, p)
         if self.size_weighted:
             return plan
         # Plain mean of each group as in the original's text patches; the sizes are still carried

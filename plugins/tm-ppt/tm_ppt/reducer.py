@@ -6,6 +6,10 @@ duplicated content, so pool; a few dominant tokens (high variance) mean inattent
 Both branches are planned for the whole batch and one is picked per image with
 `tmcore.plan.select`: one fixed-shape plan, no host synchronisation, no sub-batches. The method is
 `significance` and `PPT.match`; matching, pruning order and merging are tmcore's.
+
+Padded batches (``state.valid``): significance is normalised, and its variance taken, over each
+sample's real tokens only; both branches are the core's padded plans (each sample removes
+``min(r, T_i // 2)``, as alone), ragged with equal shapes, so `select` still mixes them.
 """
 
 from __future__ import annotations
@@ -31,25 +35,43 @@ from tmcore import (
 from tmcore.matching import prune_lowest
 from tmcore.plan import select
 
-__all__ = ["PPT", "PPTConfig", "significance"]
+__all__ = ["PPT", "PPTConfig", "significance", "masked_variance"]
 
 
-def significance(cls_attn: Tensor, values: Tensor, num_protected: int) -> Tensor:
+def significance(cls_attn: Tensor, values: Tensor, num_protected: int, valid: Tensor | None = None) -> Tensor:
     """ATS significance of the unprotected tokens, normalised to sum 1 per image (6.2).
 
     Args:
         cls_attn: ``[B, H, N]`` the class token's attention row per head (bias included).
         values: ``[B, H, N, d]`` the attention's values.
         num_protected: ``p``, the length of the protected prefix (left out).
+        valid: ``[B, N]`` bool padding mask: padding scores 0 and is left out of the sum.
 
     Returns:
         ``[B, N - p]``: class attention summed over heads x L2 norm of the value vector over all
-        heads (``C``-dim), divided by its sum over the unprotected tokens.
+        heads (``C``-dim), divided by its sum over the unprotected (real) tokens.
     """
     score = cls_attn[:, :, num_protected:].sum(dim=1) * torch.linalg.vector_norm(
         values[:, :, num_protected:], dim=(1, 3)
     )
+    if valid is not None:  # the bias already gives padding 0 attention; this makes it exact
+        score = score.masked_fill(~valid[:, num_protected:], 0)
     return score / score.sum(dim=-1, keepdim=True)
+
+
+def masked_variance(values: Tensor, valid: Tensor) -> Tensor:
+    """Unbiased variance of each row over its valid entries, as ``values[i, valid[i]].var()``.
+
+    Args:
+        values: ``[B, T]``; valid: ``[B, T]`` bool.
+
+    Returns:
+        ``[B]``; NaN for a row with one valid entry (like ``Tensor.var``).
+    """
+    count = valid.sum(dim=1).to(values.dtype)
+    mean = values.masked_fill(~valid, 0).sum(dim=1) / count
+    dev = (values - mean.unsqueeze(1)).masked_fill_(~valid, 0)
+    return dev.square_().sum(dim=1) / (count - 1)
 
 
 def _is_int(v: Any) -> bool:
@@ -124,6 +146,7 @@ class PPT(BaseReducer):
     images whose significance scores vary less than ``threshold`` pool them (bipartite soft
     matching, size-weighted, output in ToMe's order), the others prune them (keeping the
     protected prefix, then the most significant tokens in descending order). Needs a class token.
+    Padded batches: each sample as alone (scores, variance and ``r`` from its real tokens).
     """
 
     name: ClassVar[str] = "ppt"
@@ -178,23 +201,25 @@ class PPT(BaseReducer):
         if not self.pool_only:
             cls_attn = inputs.cls_attn
             dtype = torch.promote_types(cls_attn.dtype, torch.float32)  # variances of ~1/N scores
-            sig = significance(cls_attn.to(dtype), inputs.values.to(dtype), state.num_protected)
+            sig = significance(cls_attn.to(dtype), inputs.values.to(dtype), state.num_protected, state.valid)
         return _Scores(keys, sig)
 
     def match(self, layer: int, scores: _Scores | None, state: TokenState) -> Plan | None:
         r = self.schedule(state.num_input)[layer]
         if r == 0 or scores is None:
             return None
-        p = state.num_protected
+        p, valid = state.num_protected, state.valid
         if self.pool_only:
-            plan = bipartite_soft_matching(scores.keys, r, p)
+            plan = bipartite_soft_matching(scores.keys, r, p, valid)
         else:
-            prune = prune_lowest(F.pad(scores.significance, (p, 0)), r, p)
+            sig = scores.significance
+            prune = prune_lowest(F.pad(sig, (p, 0)), r, p, valid)
             if self.prune_only:
                 plan = prune
             else:
-                pool = scores.significance.var(dim=1) < self.config.threshold  # [B], unbiased as the original
-                plan = select(pool, bipartite_soft_matching(scores.keys, r, p), prune)
+                # [B], unbiased as the original; over each sample's real tokens on a padded batch
+                var = sig.var(dim=1) if valid is None else masked_variance(sig, valid[:, p:])
+                plan = select(var < self.config.threshold, bipartite_soft_matching(scores.keys, r, p, valid), prune)
         if not self.prop_attn:  # the original then merges with all-ones sizes: a plain mean
             plan = plan.with_equal_weights()
         return plan

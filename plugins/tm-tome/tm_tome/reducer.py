@@ -28,6 +28,8 @@ class ToMe(BaseReducer):
     by size, and add ``log(size)`` to later attention logits.
 
     ``r`` beyond half of a block's unprotected tokens is capped with a `ScheduleClampWarning`.
+    On a padded batch each sample merges ``min(r, T_i // 2)`` of its ``T_i`` real unprotected
+    tokens, exactly as alone (the cap the schedule applies to a sample of its own length).
     """
 
     name: ClassVar[str] = "tome"
@@ -52,4 +54,4 @@ class ToMe(BaseReducer):
         r = self.schedule(state.num_input)[layer]
         if r == 0:
             return None
-        return bipartite_soft_matching(scores, r, state.num_protected)
+        return bipartite_soft_matching(scores, r, state.num_protected, valid=state.valid)

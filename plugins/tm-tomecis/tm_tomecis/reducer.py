@@ -61,6 +61,11 @@ class ToMeCIS(BaseReducer):
     to later attention logits. Needs a class token.
 
     ``r`` beyond half of a block's unprotected tokens is capped with a `ScheduleClampWarning`.
+
+    Padded batches: each sample merges ``min(r, T_i // 2)`` of its ``T_i`` real unprotected tokens
+    (the core's matching with ``state.valid``), exactly as alone. The class importance needs no
+    mask: padding keys get probability 0 from the attention bias, the score is not normalised
+    over tokens, and a padding token never joins a real group, so its weight is never used.
     """
 
     name: ClassVar[str] = "tomecis"
@@ -93,5 +98,5 @@ class ToMeCIS(BaseReducer):
         r = self.schedule(state.num_input)[layer]
         if r == 0 or scores is None:
             return None
-        plan = bipartite_soft_matching(scores.keys, r, state.num_protected)
+        plan = bipartite_soft_matching(scores.keys, r, state.num_protected, valid=state.valid)
         return plan.with_weight(scores.importance.unsqueeze(-1))

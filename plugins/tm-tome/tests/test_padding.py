@@ -1,0 +1,70 @@
+"""Padded batches: every sample is reduced exactly as it is alone, unpadded (tokens, order,
+sizes, counts), including very short samples and the schedule's per-length cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from tm_tome import ToMe
+from tmcore import ModelInfo, Plan, ScheduleClampWarning
+from tmcore.reducer import validate_config
+from tmcore.registry import registry
+from tmcore.state import LayerInputs, TokenState
+from tmcore.testing.padding import assert_blocks_equal_samples, assert_padded_equals_unpadded, right_padding
+
+# short samples run alone cap r at half their tokens, with a warning each time
+pytestmark = pytest.mark.filterwarnings("ignore", category=ScheduleClampWarning)
+
+
+def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> ToMe:
+    cls = registry.get_reducer("tome").obj
+    info = ModelInfo(family="test", num_layers=layers, num_tokens=tokens, num_protected=p, class_token=p > 0)
+    return cls(validate_config(cls, config), info)
+
+
+def _matcher(red: ToMe):
+    """``match(x, valid)`` on block 0 with ``x`` as the head-mean keys; a skipped block is the identity."""
+
+    def match(x: Tensor, valid: Tensor | None) -> Plan:
+        b, n, _ = x.shape
+        state = TokenState(red.info.num_protected, n, prop_attn=False, trace=None)
+        state.valid = valid
+        plan = red.match(0, red.score(0, LayerInputs({"k": x.unsqueeze(1)}, None, 1.0), state), state)
+        return plan if plan is not None else Plan.prune(torch.arange(n).expand(b, n), n, valid)
+
+    return match
+
+
+@pytest.mark.parametrize("p", [0, 1, 2])
+@pytest.mark.parametrize("r", [1, 4, 10])
+def test_short_samples_equal_their_unpadded_plans(p, r):
+    gen = torch.Generator().manual_seed(r)
+    x = torch.randn(6, 22, 5, generator=gen, dtype=torch.float64)
+    valid = right_padding([22, 13, max(p, 1), p + 1, p + 2, p + 3], 22)
+    assert_padded_equals_unpadded(_matcher(_reducer(p, tokens=22, r=r)), x, valid)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(0, 2), data=st.data())
+def test_padded_equals_unpadded(p, data):
+    n = data.draw(st.integers(p + 1, 30), label="n")
+    r = data.draw(st.integers(0, max((n - p) // 2, 0)), label="r")
+    lengths = data.draw(st.lists(st.integers(max(p, 1), n), min_size=1, max_size=4), label="lengths")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
+    size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
+    assert_padded_equals_unpadded(_matcher(_reducer(p, tokens=n, r=r)), x, right_padding(lengths, n), size)
+
+
+@pytest.mark.parametrize("p", [0, 1, 2])
+def test_every_block_equals_the_samples_alone(p):
+    """Four blocks whose ``r`` the schedule caps differently for each length: features, sizes and
+    per-sample counts equal the unpadded runs."""
+    red = _reducer(p, layers=4, r=[6, 5, 4, 3])
+    x = torch.randn(5, 24, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    state, _ = assert_blocks_equal_samples(red, x, [24, 15, 8, p + 3, p + 1])
+    assert state.valid is not None
