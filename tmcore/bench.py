@@ -302,10 +302,11 @@ def fidelity(
     with torch.inference_mode(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for m in models:
             adapter = registry.find_adapter(m).obj()
-            chunks = [
-                adapter.output_tensor(m, call(m, input_rows(data, i, i + batch_size))).float()
-                for i in range(0, n, batch_size)
-            ]
+            chunks = []
+            for i in range(0, n, batch_size):
+                x = input_rows(data, i, i + batch_size)
+                kwargs = x if isinstance(x, dict) else {}
+                chunks.append(adapter.output_tensor(m, call(m, x), kwargs).float())
             outputs.append(torch.cat(chunks))
     if labels is not None:
         return [{"top1": (o.argmax(-1) == labels).float().mean().item()} for o in outputs]

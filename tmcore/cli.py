@@ -278,12 +278,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"{args.model} ({weights}), batch {args.batch_size}, {args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
     )
-    fid_cols = ["top-1"] if labels is not None else ["agreement", "cosine"]
+    # agreement of argmax is a prediction metric: only for models with a head
+    head = labels is None and _has_head(model, inputs)
+    fid_cols = ["top-1"] if labels is not None else (["agreement", "cosine"] if head else ["cosine"])
     unit = "sentences/s" if isinstance(inputs, dict) and "input_ids" in inputs else "images/s"
     table = []
     for row in rows:
         fid_vals = (
-            [f"{100 * row.top1:.2f}%"] if labels is not None else [f"{100 * row.agreement:.1f}%", f"{row.cosine:.4f}"]
+            [f"{100 * row.top1:.2f}%"]
+            if labels is not None
+            else ([f"{100 * row.agreement:.1f}%"] if head else []) + [f"{row.cosine:.4f}"]
         )
         single = (
             [f"{row.single_images_per_s:.1f}", f"{row.images_per_s / row.single_images_per_s:.2f}x"]
@@ -421,14 +425,14 @@ def _eval_text(args: argparse.Namespace, model: Any, setting: Any, device: str) 
     return 0
 
 
-def _has_head(model: Any, data: dict[str, Any]) -> bool:
-    """Whether the model predicts (its output has logits) rather than only embedding."""
+def _has_head(model: Any, data: Any) -> bool:
+    """Whether the model predicts (its output is or has logits) rather than only embedding."""
     import torch
 
-    from tmcore.inputs import rows
+    from tmcore.inputs import call, rows
 
     with torch.inference_mode():
-        out = model(**rows(data, 0, 1))
+        out = call(model, rows(data, 0, 1))
     return not isinstance(out, dict) or "logits" in out
 
 

@@ -1,0 +1,229 @@
+"""Patched layer forwards, composed from each layer's public submodules (no transformers code
+copied), with the token reduction at the reducer's position.
+
+Four layouts cover the supported families:
+
+- ``bert`` (BERT, RoBERTa, XLM-R; post-norm): ``attention.self`` -> ``attention.output`` (dense,
+  dropout, LayerNorm with the residual) -> [reduce: ``attention``] -> ``intermediate`` ->
+  ``output`` -> [reduce: ``layer``].
+- ``distilbert`` (post-norm): ``attention`` (incl. ``out_lin``) -> ``sa_layer_norm`` with the
+  residual -> [reduce] -> ``ffn`` -> ``output_layer_norm`` with the residual -> [reduce].
+- ``vit`` (ViT, DeiT; pre-norm): ``layernorm_before`` -> ``attention`` -> ``dropout`` + residual ->
+  [reduce] -> ``layernorm_after`` -> ``mlp`` -> ``dropout`` + residual -> [reduce].
+- ``clip`` (pre-norm): ``layer_norm1`` -> ``self_attn`` + residual -> [reduce] -> ``layer_norm2`` ->
+  ``mlp`` + residual -> [reduce].
+
+The attention submodule gets the state's additive bias (``log(size)``, ``-inf`` on padding) as its
+own ``attention_mask`` argument; the mask the encoder passes is for the unreduced length and is
+ignored (block 0 takes the padding from the model's 2D ``attention_mask`` through `InputMask`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from tm_transformers.attention import PREFIX
+from tmcore import Runtime, TmcoreError
+from tmcore.adapter import attention_dtype
+
+__all__ = ["LAYOUTS", "Layout", "InputMask", "layer_forward"]
+
+_ids = itertools.count()
+_UNSET: Any = object()
+
+# Arguments a decoder layer receives; an encoder gets None for each (or nothing).
+_DECODER_ARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "past_key_value")
+
+
+class InputMask:
+    """The 2D padding mask the base model was called with, handed from the base model's forward
+    pre-hook to block 0 (a ContextVar: one per thread / task, never stored on a module)."""
+
+    def __init__(self) -> None:
+        self._var: ContextVar[Any] = ContextVar(f"tm_transformers_mask_{next(_ids)}", default=_UNSET)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # ContextVars do not deep-copy: a copy gets its own
+        return (InputMask, ())
+
+    def set(self, mask: Tensor | None) -> None:
+        self._var.set(mask)
+
+    def reset(self) -> None:
+        self._var.set(_UNSET)
+
+    def for_block0(self, layer_mask: Tensor | None) -> Tensor | None:
+        """``[B, N]`` padding mask for ``runtime.enter``; ``layer_mask`` is what the encoder passed."""
+        mask = self._var.get()
+        if mask is _UNSET:  # no base-model call: someone ran the encoder or a layer directly
+            if layer_mask is not None:
+                raise TmcoreError(
+                    "a tmcore-patched transformers layer got an attention mask, but the model itself was not called; "
+                    "call the model (model(input_ids, attention_mask=...)) so tmcore sees the 2D padding mask"
+                )
+            return None
+        return mask
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one family's layer is built from its public submodules.
+
+    Attributes:
+        attention: ``(block) -> module`` whose ``config`` selects the attention function.
+        scale: ``(block) -> float``, the logit scale that attention uses.
+        attend: ``(block, x, bias, kwargs) -> x``, the attention sub-layer with its residual / norm.
+        feed_forward: ``(block, x) -> x``, the MLP sub-layer with its residual / norm.
+        dims: ``(block) -> (dim, mlp_hidden, attn_dim)`` for the FLOP model.
+    """
+
+    attention: Callable[[nn.Module], nn.Module]
+    scale: Callable[[nn.Module], float]
+    attend: Callable[[nn.Module, Tensor, Tensor | None, dict[str, Any]], Tensor]
+    feed_forward: Callable[[nn.Module, Tensor], Tensor]
+    dims: Callable[[nn.Module], tuple[int, int, int]]
+
+
+def _bert_attend(block: nn.Module, x: Tensor, bias: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+    y, _ = block.attention.self(x, attention_mask=bias, **kwargs)
+    return block.attention.output(y, x)  # dense, dropout, LayerNorm(y + x)
+
+
+def _bert_feed_forward(block: nn.Module, x: Tensor) -> Tensor:
+    return block.output(block.intermediate(x), x)
+
+
+def _distilbert_attend(block: nn.Module, x: Tensor, bias: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+    y, _ = block.attention(x, attention_mask=bias, **kwargs)
+    return block.sa_layer_norm(y + x)
+
+
+def _distilbert_feed_forward(block: nn.Module, x: Tensor) -> Tensor:
+    return block.output_layer_norm(block.ffn(x) + x)
+
+
+def _vit_attend(block: nn.Module, x: Tensor, bias: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+    y, _ = block.attention(block.layernorm_before(x), bias, **kwargs)
+    return block.dropout(y) + x
+
+
+def _vit_feed_forward(block: nn.Module, x: Tensor) -> Tensor:
+    return block.dropout(block.mlp(block.layernorm_after(x))) + x
+
+
+def _clip_attend(block: nn.Module, x: Tensor, bias: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+    y, _ = block.self_attn(hidden_states=block.layer_norm1(x), attention_mask=bias, **kwargs)
+    return x + y
+
+
+def _clip_feed_forward(block: nn.Module, x: Tensor) -> Tensor:
+    return x + block.mlp(block.layer_norm2(x))
+
+
+def _linear_dims(q: nn.Linear, fc1: nn.Linear) -> tuple[int, int, int]:
+    return q.in_features, fc1.out_features, q.out_features
+
+
+LAYOUTS: dict[str, Layout] = {
+    "bert": Layout(
+        attention=lambda b: b.attention.self,
+        scale=lambda b: b.attention.self.scaling,
+        attend=_bert_attend,
+        feed_forward=_bert_feed_forward,
+        dims=lambda b: _linear_dims(b.attention.self.query, b.intermediate.dense),
+    ),
+    "distilbert": Layout(
+        attention=lambda b: b.attention,
+        scale=lambda b: b.attention.scaling,
+        attend=_distilbert_attend,
+        feed_forward=_distilbert_feed_forward,
+        dims=lambda b: _linear_dims(b.attention.q_lin, b.ffn.lin1),
+    ),
+    "vit": Layout(
+        attention=lambda b: b.attention,
+        scale=lambda b: b.attention.scaling,
+        attend=_vit_attend,
+        feed_forward=_vit_feed_forward,
+        dims=lambda b: _linear_dims(b.attention.q_proj, b.mlp.fc1),
+    ),
+    "clip": Layout(
+        attention=lambda b: b.self_attn,
+        scale=lambda b: b.self_attn.scale,
+        attend=_clip_attend,
+        feed_forward=_clip_feed_forward,
+        dims=lambda b: _linear_dims(b.self_attn.q_proj, b.mlp.fc1),
+    ),
+}
+"""Layout name -> `Layout` (the patched forwards hold the name: plain data in the undo log)."""
+
+
+def layer_forward(
+    layout: str,
+    block: nn.Module,
+    runtime: Runtime,
+    inputs: InputMask,
+    layer: int,
+    hidden_states: Tensor,
+    attention_mask: Tensor | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Tensor:
+    """A supported layer's forward with the reduction at ``runtime.position``.
+
+    Args:
+        layout: key of `LAYOUTS`.
+        block, runtime, inputs, layer: bound by the adapter.
+        hidden_states: ``[B, N, C]``.
+        attention_mask: the encoder's mask for the unreduced length: ignored (block 0 reads the
+            input's padding from ``inputs``; the state's bias carries it afterwards).
+        args, kwargs: the rest of the layer's call; decoder arguments must be unset, the others
+            (e.g. ``position_ids``) go to the attention as in the unpatched layer.
+
+    Returns:
+        ``[B, M, C]``: ``M < N`` after a reduction, ``N`` again at the last block with ``full_length``.
+    """
+    kwargs = _encoder_kwargs(args, kwargs)
+    spec = LAYOUTS[layout]
+    _check_dispatch(spec.attention(block), runtime, layer)
+    x = hidden_states
+    valid = inputs.for_block0(attention_mask) if layer == 0 else None
+    state = runtime.enter(layer, x, block.training, valid=valid)
+    bias = state.attn_bias(attention_dtype(x))
+    x = spec.attend(block, x, bias, kwargs)
+    if runtime.position == "attention":
+        x = runtime.step(layer, x, state, bias, spec.scale(block))
+    x = spec.feed_forward(block, x)
+    if runtime.position == "layer":
+        x = runtime.step(layer, x, state, bias, spec.scale(block))
+    return runtime.exit(layer, x, state)
+
+
+def _encoder_kwargs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments that go on to the attention; refuses decoder inputs (cross-attention
+    states, caches), whose lengths token reduction would break."""
+    given = [name for name in _DECODER_ARGS if kwargs.get(name) is not None]
+    if any(a is not None for a in args) or given:
+        raise TmcoreError(
+            f"a tmcore-patched transformers layer got decoder inputs ({', '.join(given) or 'positional'}); "
+            "token reduction supports encoders only (no cross-attention, no cache)"
+        )
+    return {k: v for k, v in kwargs.items() if k not in _DECODER_ARGS and k != "use_cache"}
+
+
+def _check_dispatch(attention: nn.Module, runtime: Runtime, layer: int) -> None:
+    """The attention must still dispatch to tmcore's function: its bias and probabilities travel there."""
+    impl = attention.config._attn_implementation
+    if impl is None or not impl.startswith(PREFIX):
+        needs = runtime.layer_needs[layer]
+        what = "the attention probabilities" if "attn" in needs else "the q / k / v" if needs else ""
+        raise TmcoreError(
+            f"block {layer}'s attention now dispatches to {impl!r} (set after tmcore.apply), which cannot take "
+            f"tmcore's attention bias (sizes, padding){' nor give ' + what + ' the reducer reads' if what else ''}; "
+            "call tmcore.remove(model) before model.set_attn_implementation(...), then apply again ('sdpa' and "
+            "'eager' are supported)"
+        )
