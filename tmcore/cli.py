@@ -273,7 +273,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for key, value in fid.items():
             setattr(row, key, value)
 
-    weights = "bundled" if args.model in models.available() else ("pretrained" if args.pretrained else "random-init")
+    if args.model in models.available():
+        weights = "bundled"
+    elif not args.model.startswith("timm:"):
+        weights = "local weights"
+    else:
+        weights = "pretrained" if args.pretrained or args.checkpoint else "random-init"
     title = (
         f"{args.model} ({weights}), batch {args.batch_size}, {args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
