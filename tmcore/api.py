@@ -78,7 +78,7 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
             f"this model already carries reducer {existing.reducer.name!r} "
             f"({existing.reducer.config!r}); call tmcore.remove(model) first or pass replace=True"
         )
-    adapter = registry.find_adapter(model).obj()
+    adapter = registry.adapter_for(model)
     adapter.check_environment()
     missing = reducer_cls.requires - adapter.inputs
     if missing:
@@ -168,8 +168,9 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
         InvalidConfigError: not a tmcore file, or its config / learned state does not fit this
             model (the model is then left as it was).
     """
-    name, config, tensors = read_saved(path)
-    full_length = _read_full_length(path)
+    metadata, tensors = _open_saved(path, tensors=True)
+    name, config = metadata["reducer"], json.loads(metadata["config"])
+    full_length = json.loads(metadata.get("full_length", "false"))  # files from before full_length: off
     # Build and load the learned state first: a file for another model (e.g. another number of
     # blocks) raises before the model is touched.
     patch = _build(model, name, config, replace=True, full_length=full_length)
@@ -185,6 +186,12 @@ def read_saved(path: str | Path, tensors: bool = True) -> tuple[str, dict[str, A
     Raises:
         InvalidConfigError: not a tmcore reducer file.
     """
+    metadata, state = _open_saved(path, tensors)
+    return metadata["reducer"], json.loads(metadata["config"]), state
+
+
+def _open_saved(path: str | Path, tensors: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """The metadata and (unless ``tensors=False``) the tensors of a tmcore reducer file."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -194,14 +201,7 @@ def read_saved(path: str | Path, tensors: bool = True) -> tuple[str, dict[str, A
         raise InvalidConfigError(
             f"{path}: not a tmcore reducer file (format {metadata.get('format')!r}, expected {_FORMAT!r})"
         )
-    return metadata["reducer"], json.loads(metadata["config"]), state
-
-
-def _read_full_length(path: str | Path) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return bool(json.loads((f.metadata() or {}).get("full_length", "false")))
+    return metadata, state
 
 
 def reducers() -> list[Registration]:

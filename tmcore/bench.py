@@ -107,7 +107,7 @@ def flop_model(model: nn.Module) -> BlockFlops:
     """The FLOP model ``model``'s adapter supplies (`tmcore.Adapter.flops`)."""
     from tmcore.registry import registry
 
-    return registry.find_adapter(model).obj().flops(model)
+    return registry.adapter_for(model).flops(model)
 
 
 def sample_counts(token_counts: Sequence[int | torch.Tensor], batch: int) -> list[torch.Tensor]:
@@ -152,13 +152,13 @@ def _mean(count: torch.Tensor) -> float:
 def flop_blocks(model: nn.Module) -> Sequence[nn.Module]:
     from tmcore.registry import registry
 
-    return registry.find_adapter(model).obj().blocks(model)
+    return registry.adapter_for(model).blocks(model)
 
 
 def _unreduced_tokens(model: nn.Module) -> int:
     from tmcore.registry import registry
 
-    return registry.find_adapter(model).obj().describe(model).num_tokens
+    return registry.adapter_for(model).describe(model).num_tokens
 
 
 def variants(model: nn.Module, settings: Sequence[Setting]) -> list[tuple[Setting, nn.Module]]:
@@ -301,7 +301,7 @@ def fidelity(
     n = count(data)
     with torch.inference_mode(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for m in models:
-            adapter = registry.find_adapter(m).obj()
+            adapter = registry.adapter_for(m)
             chunks = []
             for i in range(0, n, batch_size):
                 x = input_rows(data, i, i + batch_size)

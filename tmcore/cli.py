@@ -175,7 +175,7 @@ def _inputs(args: argparse.Namespace, model: Any) -> tuple[Any, Any, Any]:
         images, labels = models.load_samples(args.model)
         data = models.preprocess(images, model).to(args.device)
         return data[: args.batch_size], data, labels.to(args.device)
-    adapter = registry.find_adapter(model).obj()
+    adapter = registry.adapter_for(model)
     if adapter.describe(model).modality == "text":
         texts = _read_texts(getattr(args, "texts", None))
         batch = [texts[i % len(texts)] for i in range(args.batch_size)]
@@ -386,7 +386,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _modality(model: Any) -> str:
     from tmcore.registry import registry
 
-    return registry.find_adapter(model).obj().describe(model).modality
+    return registry.adapter_for(model).describe(model).modality
 
 
 def _eval_text(args: argparse.Namespace, model: Any, setting: Any, device: str) -> int:

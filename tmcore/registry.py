@@ -177,6 +177,10 @@ class Registry:
                 msg += " Others: " + ", ".join(f"{k} (pip install {v})" for k, v in missing.items())
         raise UnknownReducerError(msg)
 
+    def adapter_for(self, model: Any) -> Any:
+        """An instance of the adapter that handles ``model`` (`find_adapter`'s class)."""
+        return self.find_adapter(model).obj()
+
     def find_adapter(self, model: Any) -> Registration:
         self.ensure_loaded()
         for reg in self.adapters.values():

@@ -188,9 +188,11 @@ def _padding_mask(valid: Tensor, x: Tensor) -> Tensor | None:
             f"allowed: [batch, tokens] = {tuple(x.shape[:2])}"
         )
     valid = valid.to(device=x.device, dtype=torch.bool)
-    if bool(valid.all()):
+    # both questions in one transfer: everything real? padding before a real token?
+    all_real, left_padded = torch.stack([valid.all(), (valid[:, 1:] & ~valid[:, :-1]).any()]).tolist()
+    if all_real:
         return None
-    if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+    if left_padded:
         raise TmcoreError(
             "the attention mask has padding before real tokens (left padding); token reduction needs the real "
             "tokens first in every sample: tokenize with padding_side='right'"

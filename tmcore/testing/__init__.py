@@ -14,9 +14,7 @@ models come from ``Adapter.tiny_models``).
 from tmcore.testing.conformance import (
     AdapterConformance,
     ReducerConformance,
-    adapter_for,
     run,
-    split_inputs,
     tiny_models,
     tiny_timm_models,
 )
@@ -26,13 +24,11 @@ from tmcore.testing.strategies import matching_cases, mixed_cases
 __all__ = [
     "AdapterConformance",
     "ReducerConformance",
-    "adapter_for",
     "assert_padded_equals_unpadded",
     "matching_cases",
     "mixed_cases",
     "right_padding",
     "run",
-    "split_inputs",
     "tiny_models",
     "tiny_timm_models",
 ]

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 import tmcore
-from tmcore.adapter import Adapter
 from tmcore.inputs import padding_mask, split_samples
 from tmcore.registry import registry
 
@@ -22,8 +21,6 @@ __all__ = [
     "AdapterConformance",
     "tiny_models",
     "tiny_timm_models",
-    "adapter_for",
-    "split_inputs",
     "run",
 ]
 
@@ -43,23 +40,9 @@ def tiny_timm_models() -> dict[str, Callable[[], nn.Module]]:
     return {name.split(":", 1)[1]: f for name, f in tiny_models("timm").items()}
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    return registry.find_adapter(model).obj()
-
-
-def input_mask(inputs: dict[str, Tensor]) -> Tensor | None:
-    """The ``[B, N]`` bool padding mask of text inputs, ``None`` for images."""
-    return padding_mask(inputs)
-
-
-def split_inputs(inputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-    """One input dict per sample, with its padding cut off (what the sample is alone)."""
-    return split_samples(inputs)  # type: ignore[return-value]
-
-
 def run(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     """``model(**inputs)`` as the adapter's comparable output tensor."""
-    return adapter_for(model).output_tensor(model, model(**inputs), inputs)
+    return registry.adapter_for(model).output_tensor(model, model(**inputs), inputs)
 
 
 def _most(count: int | Tensor) -> int:
@@ -75,7 +58,7 @@ def _skip_unsupported(reducer: str, config: dict[str, Any], model: nn.Module, na
     """A reducer that needs a class token must be refused on a model without one (checked
     here); the test is then skipped."""
     cls = registry.get_reducer(reducer).obj
-    if getattr(cls, "requires_class_token", False) and not adapter_for(model).describe(model).class_token:
+    if getattr(cls, "requires_class_token", False) and not registry.adapter_for(model).describe(model).class_token:
         with pytest.raises(tmcore.UnsupportedModelError, match="no class token"):
             tmcore.apply(model, reducer, **config)
         assert tmcore.get_patch(model) is None
@@ -121,7 +104,7 @@ class ReducerConformance:
         identity = self._cls().identity_config
         if identity is None:
             pytest.skip("reducer declares no identity config")
-        x = adapter_for(model).example_inputs(model)
+        x = registry.adapter_for(model).example_inputs(model)
         with torch.no_grad():
             ref = run(model, x)
             tmcore.apply(model, self.reducer, **identity)
@@ -134,7 +117,7 @@ class ReducerConformance:
         identity = self._cls().identity_config
         if identity is None:
             pytest.skip("reducer declares no identity config")
-        x = adapter_for(model).example_inputs(model)
+        x = registry.adapter_for(model).example_inputs(model)
         model.train()
         ref = run(model, x)
         tmcore.apply(model, self.reducer, **identity)
@@ -142,7 +125,7 @@ class ReducerConformance:
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
 
     def test_remove_restores_exactly(self, model: nn.Module) -> None:
-        x = adapter_for(model).example_inputs(model)
+        x = registry.adapter_for(model).example_inputs(model)
         before = dict(model.__dict__)
         with torch.no_grad():
             ref = run(model, x)
@@ -155,8 +138,8 @@ class ReducerConformance:
         assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
 
     def test_trace_invariants(self, model: nn.Module) -> None:
-        x = adapter_for(model).example_inputs(model)
-        real_in = input_mask(x)
+        x = registry.adapter_for(model).example_inputs(model)
+        real_in = padding_mask(x)
         for config in self._configs():
             tmcore.apply(model, self.reducer, replace=True, **config)
             with torch.no_grad(), tmcore.trace(model) as t:
@@ -189,7 +172,7 @@ class ReducerConformance:
     def test_batch_equals_samples(self, model: nn.Module) -> None:
         """A batch (padded, for text) gives every sample what it gives alone, unpadded: the same
         output and the same token counts."""
-        x = adapter_for(model).example_inputs(model)
+        x = registry.adapter_for(model).example_inputs(model)
         for config in self._configs():
             tmcore.apply(model, self.reducer, replace=True, **config)
             with torch.no_grad():
@@ -197,7 +180,7 @@ class ReducerConformance:
                     batched = run(model, x)
                 b = batched.shape[0]
                 singles, counts = [], []
-                for xi in split_inputs(x):
+                for xi in split_samples(x):
                     with tmcore.trace(model) as ti:
                         singles.append(run(model, xi))
                     counts.append([_most(c) for c in ti.token_counts])
@@ -206,7 +189,7 @@ class ReducerConformance:
             assert batched_counts.tolist() == counts, f"{config}: token counts differ from one-by-one runs"
 
     def test_deepcopy_is_independent(self, model: nn.Module) -> None:
-        x = split_inputs(adapter_for(model).example_inputs(model))[0]
+        x = split_samples(registry.adapter_for(model).example_inputs(model))[0]
         tmcore.apply(model, self.reducer, **self._configs()[0])
         clone = copy.deepcopy(model)
         with torch.no_grad():
@@ -218,7 +201,7 @@ class ReducerConformance:
         assert _most(t.token_counts[-1]) < _most(t.token_counts[0])
 
     def test_backward(self, model: nn.Module) -> None:
-        adapter = adapter_for(model)
+        adapter = registry.adapter_for(model)
         tmcore.apply(model, self.reducer, **self._configs()[0])
         model.train()
         run(model, adapter.example_inputs(model)).sum().backward()
@@ -255,7 +238,7 @@ class AdapterConformance:
     def test_identity_and_schedule(self, model: nn.Module) -> None:
         if "tome" not in registry.reducers:
             pytest.skip("tm-tome is not installed")
-        adapter = adapter_for(model)
+        adapter = registry.adapter_for(model)
         x = adapter.example_inputs(model)
         with torch.no_grad():
             ref = run(model, x)
@@ -265,7 +248,7 @@ class AdapterConformance:
             with tmcore.trace(model) as t:
                 model(**x)
         info = tmcore.get_patch(model).runtime.info
-        mask = input_mask(x)
+        mask = padding_mask(x)
         n = mask.sum(1) if mask is not None else torch.full((len(ref),), len(t.source[0]))
         expected = [n]
         for _ in range(info.num_layers):
@@ -276,11 +259,11 @@ class AdapterConformance:
 
     @pytest.mark.filterwarnings("ignore::tmcore.errors.ScheduleClampWarning")  # configs sized for ~64 tokens
     def test_every_reducer_runs(self, model: nn.Module) -> None:
-        x = adapter_for(model).example_inputs(model)
+        x = registry.adapter_for(model).example_inputs(model)
         for reg in list(registry.reducers.values()):
             cls = reg.obj
             for config in cls.example_configs:
-                info = adapter_for(model).describe(model)
+                info = registry.adapter_for(model).describe(model)
                 if getattr(cls, "requires_class_token", False) and not info.class_token:
                     with pytest.raises(tmcore.UnsupportedModelError):
                         tmcore.apply(model, reg.name, replace=True, **config)
@@ -293,7 +276,7 @@ class AdapterConformance:
                 tmcore.remove(model)
 
     def test_remove_is_bit_exact(self, model: nn.Module) -> None:
-        x = adapter_for(model).example_inputs(model)
+        x = registry.adapter_for(model).example_inputs(model)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         modules = {name: dict(m.__dict__) for name, m in model.named_modules()}
         with torch.no_grad():
@@ -308,7 +291,7 @@ class AdapterConformance:
             assert not m._forward_hooks and not m._forward_pre_hooks, f"{name}: hooks left behind"
 
     def test_threads_share_a_patched_model(self, model: nn.Module) -> None:
-        adapter = adapter_for(model)
+        adapter = registry.adapter_for(model)
         tmcore.apply(model, "tome", r=3)
         inputs = [adapter.example_inputs(model, seed=s) for s in range(4)]
         with torch.no_grad():
@@ -329,7 +312,7 @@ class AdapterConformance:
             assert torch.equal(results[i], ref)
 
     def test_deepcopy(self, model: nn.Module) -> None:
-        x = adapter_for(model).example_inputs(model)
+        x = registry.adapter_for(model).example_inputs(model)
         tmcore.apply(model, "tome", r=3)
         clone = copy.deepcopy(model)
         with torch.no_grad():
@@ -338,14 +321,14 @@ class AdapterConformance:
         assert tmcore.get_patch(model) is not None
 
     def test_full_length(self, model: nn.Module) -> None:
-        x = split_inputs(adapter_for(model).example_inputs(model))[0]
+        x = split_samples(registry.adapter_for(model).example_inputs(model))[0]
         tmcore.apply(model, "tome", r=3, full_length=True)
         with torch.no_grad(), tmcore.trace(model) as t:
             model(**x)
         n0 = t.source.shape[1]
         assert t.token_counts[-1] < n0
         captured: list[Tensor] = []
-        last = adapter_for(model).blocks(model)[-1]
+        last = registry.adapter_for(model).blocks(model)[-1]
         handle = last.register_forward_hook(
             lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
         )
@@ -362,8 +345,8 @@ class AdapterConformance:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
-        adapter = adapter_for(model)
-        x = split_inputs(adapter.example_inputs(model))[0]
+        adapter = registry.adapter_for(model)
+        x = split_samples(adapter.example_inputs(model))[0]
         blocks = adapter.blocks(model)
         names = {id(m): n for n, m in model.named_modules()}
         prefix = type(model).__name__

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from tmcore.adapter import explicit_attention
-from tmcore.plan import Plan, merge_tokens
+from tmcore.plan import Plan, destinations, merge_tokens
 from tmcore.reducer import TokenReducer
 from tmcore.runtime import Runtime
 from tmcore.state import LayerInputs, TokenState
@@ -19,6 +19,8 @@ __all__ = [
     "right_padding",
     "project_qkv",
     "layer_inputs",
+    "padded_state",
+    "block_matcher",
     "run_blocks",
 ]
 
@@ -47,7 +49,7 @@ def assert_padded_equals_unpadded(
     plan = match(x, valid)
     assert plan.valid is not None, "a padded batch must give a plan with validity"
     merged, merged_size = merge_tokens(x, plan, size)
-    dest = _destinations(plan)
+    dest = destinations(plan)
     for i, n_i in enumerate(valid.sum(1).tolist()):
         alone = match(x[i : i + 1, :n_i], None)
         ref, ref_size = merge_tokens(x[i : i + 1, :n_i], alone, None if size is None else size[i : i + 1, :n_i])
@@ -58,12 +60,6 @@ def assert_padded_equals_unpadded(
         torch.testing.assert_close(merged_size[i, :m_i], ref_size[0], rtol=0, atol=0)
         pad_dest = dest[i, n_i:]
         assert not (pad_dest[pad_dest >= 0] < m_i).any(), f"sample {i}: a padding token joined a real token"
-
-
-def _destinations(plan: Plan) -> Tensor:
-    from tmcore.plan import destinations
-
-    return destinations(plan)
 
 
 def project_qkv(x: Tensor, heads: int = HEADS) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,6 +80,33 @@ def layer_inputs(reducer: TokenReducer, layer: int, x: Tensor, state: TokenState
     included), from `project_qkv`."""
     q, k, v = project_qkv(x, heads)
     return LayerInputs({"q": q, "k": k, "v": v}, state.attn_bias(x.dtype), _scale(x, heads), reducer.needs(layer))
+
+
+def padded_state(reducer: TokenReducer, x: Tensor, valid: Tensor | None) -> TokenState:
+    """The state block 0 of ``reducer`` sees for tokens ``x`` with padding mask ``valid``."""
+    state = TokenState(reducer.info.num_protected, x.shape[1], prop_attn=reducer.prop_attn, trace=None)
+    state.valid = valid
+    return state
+
+
+def block_matcher(
+    reducer: TokenReducer, layer: int = 0, keys_only: bool = False
+) -> Callable[[Tensor, Tensor | None], Plan]:
+    """``match(x, valid)`` for `assert_padded_equals_unpadded`: block ``layer``'s score and match
+    for tokens ``x`` (`layer_inputs` from them; with ``keys_only``, ``x`` itself is the head-mean
+    keys); a block that keeps every token gives the identity plan."""
+
+    def match(x: Tensor, valid: Tensor | None) -> Plan:
+        b, n, _ = x.shape
+        state = padded_state(reducer, x, valid)
+        if keys_only:
+            inputs = LayerInputs({"k": x.unsqueeze(1)}, None, 1.0, reducer.needs(layer))
+        else:
+            inputs = layer_inputs(reducer, layer, x, state)
+        plan = reducer.match(layer, reducer.score(layer, inputs, state), state)
+        return plan if plan is not None else Plan.prune(torch.arange(n).expand(b, n), n, valid)
+
+    return match
 
 
 def run_blocks(

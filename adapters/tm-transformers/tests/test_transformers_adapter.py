@@ -9,8 +9,10 @@ import torch
 
 import tmcore
 from tmcore import NoAdapterError, TmcoreError, UnsupportedModelError
+from tmcore.inputs import split_samples
 from tmcore.pooling import mean_pool
-from tmcore.testing import adapter_for, split_inputs, tiny_models
+from tmcore.registry import registry
+from tmcore.testing import tiny_models
 
 tf = pytest.importorskip("transformers")
 
@@ -23,7 +25,7 @@ def tiny(name: str) -> torch.nn.Module:
 
 def inputs_for(model: torch.nn.Module, batch: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
     """The adapter's example inputs: right-padded sentences of lengths 60, 51, 20, or images."""
-    return adapter_for(model).example_inputs(model, batch=batch, seed=seed)
+    return registry.adapter_for(model).example_inputs(model, batch=batch, seed=seed)
 
 
 def bert_head(cls: type, **config: object) -> torch.nn.Module:
@@ -53,7 +55,7 @@ def installed(name: str) -> bool:
 )
 def test_describe(name, family, protected, tokens, modality, pool):
     model = tiny(name)
-    info = adapter_for(model).describe(model)
+    info = registry.adapter_for(model).describe(model)
     assert (info.family, info.num_protected, info.num_tokens, info.modality, info.pool) == (
         family,
         protected,
@@ -66,7 +68,7 @@ def test_describe(name, family, protected, tokens, modality, pool):
 
 def test_flop_model_follows_the_reducer_position():
     model = tiny("clip_vision")
-    adapter = adapter_for(model)
+    adapter = registry.adapter_for(model)
     assert adapter.flops(model).position == "attention"
     if installed("pitome"):  # PiToMe reduces after the whole layer on CLIP, as its clip_hf patch
         tmcore.apply(model, "pitome", ratio=0.9)
@@ -259,7 +261,7 @@ def test_padded_mean_pool_equals_each_sentence_alone(name):
                 out = model(**x)
                 pooled = mean_pool(out.last_hidden_state, out.token_mask, out.token_sizes)
                 alone = []
-                for xi in split_inputs(x):
+                for xi in split_samples(x):
                     o = model(**xi)
                     alone.append(mean_pool(o.last_hidden_state, o.token_mask, o.token_sizes))
             torch.testing.assert_close(pooled, torch.cat(alone), rtol=1e-7, atol=1e-9, msg=f"{reg.name} {config}")

@@ -8,17 +8,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor
 
 from tm_ltmp import LTMP
-from tmcore import ModelInfo, Plan
+from tmcore import ModelInfo
 from tmcore.reducer import validate_config
 from tmcore.registry import registry
-from tmcore.state import TokenState
 from tmcore.testing.padding import (
     assert_blocks_equal_samples,
     assert_padded_equals_unpadded,
-    layer_inputs,
+    block_matcher,
     right_padding,
 )
 
@@ -38,17 +36,6 @@ def _reducer(p: int, layers: int = 1, **config) -> LTMP:
     return cls(validate_config(cls, config), info)
 
 
-def _matcher(red: LTMP):
-    """``match(x, valid)`` on block 0 with the padding bias in the attention."""
-
-    def match(x: Tensor, valid: Tensor | None) -> Plan:
-        state = TokenState(red.info.num_protected, x.shape[1], prop_attn=red.prop_attn, trace=None)
-        state.valid = valid
-        return red.match(0, red.score(0, layer_inputs(red, 0, x, state), state), state)
-
-    return match
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("p", [0, 1, 2])
 def test_short_samples_equal_their_unpadded_plans(mode, p):
@@ -56,9 +43,9 @@ def test_short_samples_equal_their_unpadded_plans(mode, p):
     x = torch.randn(6, 22, 6, generator=gen, dtype=torch.float64)
     valid = right_padding([22, 13, max(p, 1), p + 1, p + 2, p + 3], 22)
     red = _reducer(p, mode=mode, merge_threshold=0.2, prune_threshold=0.05)
-    plan = _matcher(red)(x, valid)
+    plan = block_matcher(red)(x, valid)
     assert plan.num_out < 22  # something was removed
-    assert_padded_equals_unpadded(_matcher(red), x, valid)
+    assert_padded_equals_unpadded(block_matcher(red), x, valid)
 
 
 @settings(max_examples=60, deadline=None)
@@ -76,7 +63,7 @@ def test_padded_equals_unpadded(mode, p, merge, prune, data):
     x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
     size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
     red = _reducer(p, mode=mode, merge_threshold=merge, prune_threshold=prune)
-    assert_padded_equals_unpadded(_matcher(red), x, right_padding(lengths, n), size)
+    assert_padded_equals_unpadded(block_matcher(red), x, right_padding(lengths, n), size)
 
 
 @pytest.mark.parametrize("mode", MODES)

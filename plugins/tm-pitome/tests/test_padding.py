@@ -7,14 +7,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor
 
 from tm_pitome import PiToMe, pitome_match
 from tm_pitome.merge import padded_bounds, removed
 from tm_pitome.reducer import CLIP_FAMILY, PiToMeConfig
-from tmcore import ModelInfo, Plan
-from tmcore.state import LayerInputs, TokenState
-from tmcore.testing.padding import assert_blocks_equal_samples, assert_padded_equals_unpadded, right_padding
+from tmcore import ModelInfo
+from tmcore.testing.padding import (
+    assert_blocks_equal_samples,
+    assert_padded_equals_unpadded,
+    block_matcher,
+    right_padding,
+)
 
 PROCEDURES = ["pitome", "pitome_bsm", "pitome_text", "bsm"]
 
@@ -22,20 +25,6 @@ PROCEDURES = ["pitome", "pitome_bsm", "pitome_text", "bsm"]
 def _reducer(p: int, layers: int = 1, **config) -> PiToMe:
     info = ModelInfo(family="test", num_layers=layers, num_tokens=24, num_protected=p, class_token=p > 0)
     return PiToMe(PiToMeConfig(**config), info)
-
-
-def _matcher(red: PiToMe, layer: int = 0):
-    """``match(x, valid)`` for `assert_padded_equals_unpadded`: the reducer's score and match with
-    ``x`` as the head-mean keys; a skipped block is the identity."""
-
-    def match(x: Tensor, valid: Tensor | None) -> Plan:
-        b, n, _ = x.shape
-        state = TokenState(red.info.num_protected, n, prop_attn=False, trace=None)
-        state.valid = valid
-        plan = red.match(layer, red.score(layer, LayerInputs({"k": x.unsqueeze(1)}, None, 1.0), state), state)
-        return plan if plan is not None else Plan.prune(torch.arange(n).expand(b, n), n, valid)
-
-    return match
 
 
 @pytest.mark.parametrize("variant", PROCEDURES)
@@ -46,7 +35,7 @@ def test_short_samples_equal_their_unpadded_plans(variant, p, ratio):
     x = torch.randn(6, 21, 5, generator=gen, dtype=torch.float64)
     valid = right_padding([21, 13, max(p, 1), p + 1, p + 2, p + 3], 21)
     red = _reducer(p, ratio=ratio, variant=variant, margin=0.5)
-    assert_padded_equals_unpadded(_matcher(red), x, valid)
+    assert_padded_equals_unpadded(block_matcher(red, keys_only=True), x, valid)
 
 
 @settings(max_examples=60, deadline=None)
@@ -64,7 +53,7 @@ def test_padded_equals_unpadded(variant, p, ratio, margin, data):
     x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
     size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
     red = _reducer(p, ratio=ratio, variant=variant, margin=margin, size_weighted=True)
-    assert_padded_equals_unpadded(_matcher(red), x, right_padding(lengths, n), size)
+    assert_padded_equals_unpadded(block_matcher(red, keys_only=True), x, right_padding(lengths, n), size)
 
 
 def test_plan_size_is_static_and_bounds_every_sample():
@@ -79,7 +68,7 @@ def test_plan_size_is_static_and_bounds_every_sample():
                     assert width == max(removed(variant, s, ratio, p) for s in range(t + 1))
     x = torch.randn(3, 25, 4, dtype=torch.float64)
     valid = right_padding([4, 3, 2], 25)
-    plan = _matcher(_reducer(1, ratio=0.6, variant="pitome"))(x, valid)
+    plan = block_matcher(_reducer(1, ratio=0.6, variant="pitome"), keys_only=True)(x, valid)
     assert plan.num_out == 25 - removed("pitome", 24, 0.6, 1)
     assert plan.valid is not None and plan.valid.sum(1).tolist() == [3, 3, 2]  # 1 + ceil(0.6 T_i)
 
@@ -104,7 +93,7 @@ def test_bsm_is_tome_matching_on_a_ratio_of_all_tokens():
     red = _reducer(1, layers=1, ratio=0.9, variant="bsm")
     assert red.token_counts(50) == [50, 45]  # floor(50 - 45.0) = 5 (T = 49 alone would give 4)
     x = torch.randn(2, 50, 4, dtype=torch.float64)
-    plan = _matcher(red)(x, None)
+    plan = block_matcher(red, keys_only=True)(x, None)
     expected = pitome_match(x, 5, 0.0, "bsm", num_protected=1)
     assert torch.equal(plan.keep, expected.keep) and torch.equal(plan.src_dst, expected.src_dst)
     assert _reducer(1, ratio=0.5, variant="bsm").token_counts(10) == [10, 6]  # r = 5 capped at 9 // 2

@@ -13,14 +13,15 @@ from torch import Tensor
 
 from tm_ppt import PPT
 from tm_ppt.reducer import masked_variance
-from tmcore import ModelInfo, Plan, ScheduleClampWarning
+from tmcore import ModelInfo, ScheduleClampWarning
 from tmcore.reducer import validate_config
 from tmcore.registry import registry
-from tmcore.state import TokenState
 from tmcore.testing.padding import (
     assert_blocks_equal_samples,
     assert_padded_equals_unpadded,
+    block_matcher,
     layer_inputs,
+    padded_state,
     right_padding,
 )
 
@@ -34,26 +35,8 @@ def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> PPT:
     return cls(validate_config(cls, {"layers": list(range(layers)), **config}), info)
 
 
-def _state(red: PPT, x: Tensor, valid: Tensor | None) -> TokenState:
-    state = TokenState(red.info.num_protected, x.shape[1], prop_attn=red.prop_attn, trace=None)
-    state.valid = valid
-    return state
-
-
-def _matcher(red: PPT):
-    """``match(x, valid)`` on block 0, attention with the padding bias; a skipped block is the identity."""
-
-    def match(x: Tensor, valid: Tensor | None) -> Plan:
-        b, n, _ = x.shape
-        state = _state(red, x, valid)
-        plan = red.match(0, red.score(0, layer_inputs(red, 0, x, state), state), state)
-        return plan if plan is not None else Plan.prune(torch.arange(n).expand(b, n), n, valid)
-
-    return match
-
-
 def _significance_alone(red: PPT, x: Tensor) -> Tensor:
-    state = _state(red, x, None)
+    state = padded_state(red, x, None)
     return red.score(0, layer_inputs(red, 0, x, state), state).significance[0]
 
 
@@ -81,12 +64,12 @@ def test_short_samples_equal_their_unpadded_plans(p, threshold):
     else:
         value = math.inf if threshold == "pool" else 0.0
     red = _reducer(p, tokens=22, r=5, threshold=value)
-    plan = _matcher(red)(x, valid)
+    plan = block_matcher(red)(x, valid)
     pooled = (plan.src_dst >= 0).any(1)[:3].tolist()
     assert pooled == {"pool": [True] * 3, "prune": [False] * 3}.get(threshold, pooled)
     if threshold == "mixed":
         assert any(pooled) and not all(pooled)
-    assert_padded_equals_unpadded(_matcher(red), x, valid)
+    assert_padded_equals_unpadded(block_matcher(red), x, valid)
 
 
 @settings(max_examples=40, deadline=None)
@@ -104,7 +87,7 @@ def test_padded_equals_unpadded(p, threshold, prop_attn, data):
     x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
     size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
     red = _reducer(p, tokens=n, r=r, threshold=threshold, prop_attn=prop_attn)
-    assert_padded_equals_unpadded(_matcher(red), x, right_padding(lengths, n), size)
+    assert_padded_equals_unpadded(block_matcher(red), x, right_padding(lengths, n), size)
 
 
 @pytest.mark.parametrize("p", [1, 2])

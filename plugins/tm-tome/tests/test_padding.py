@@ -7,14 +7,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor
 
 from tm_tome import ToMe
-from tmcore import ModelInfo, Plan, ScheduleClampWarning
+from tmcore import ModelInfo, ScheduleClampWarning
 from tmcore.reducer import validate_config
 from tmcore.registry import registry
-from tmcore.state import LayerInputs, TokenState
-from tmcore.testing.padding import assert_blocks_equal_samples, assert_padded_equals_unpadded, right_padding
+from tmcore.testing.padding import (
+    assert_blocks_equal_samples,
+    assert_padded_equals_unpadded,
+    block_matcher,
+    right_padding,
+)
 
 # short samples run alone cap r at half their tokens, with a warning each time
 pytestmark = pytest.mark.filterwarnings("ignore", category=ScheduleClampWarning)
@@ -26,26 +29,13 @@ def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> ToMe:
     return cls(validate_config(cls, config), info)
 
 
-def _matcher(red: ToMe):
-    """``match(x, valid)`` on block 0 with ``x`` as the head-mean keys; a skipped block is the identity."""
-
-    def match(x: Tensor, valid: Tensor | None) -> Plan:
-        b, n, _ = x.shape
-        state = TokenState(red.info.num_protected, n, prop_attn=False, trace=None)
-        state.valid = valid
-        plan = red.match(0, red.score(0, LayerInputs({"k": x.unsqueeze(1)}, None, 1.0), state), state)
-        return plan if plan is not None else Plan.prune(torch.arange(n).expand(b, n), n, valid)
-
-    return match
-
-
 @pytest.mark.parametrize("p", [0, 1, 2])
 @pytest.mark.parametrize("r", [1, 4, 10])
 def test_short_samples_equal_their_unpadded_plans(p, r):
     gen = torch.Generator().manual_seed(r)
     x = torch.randn(6, 22, 5, generator=gen, dtype=torch.float64)
     valid = right_padding([22, 13, max(p, 1), p + 1, p + 2, p + 3], 22)
-    assert_padded_equals_unpadded(_matcher(_reducer(p, tokens=22, r=r)), x, valid)
+    assert_padded_equals_unpadded(block_matcher(_reducer(p, tokens=22, r=r), keys_only=True), x, valid)
 
 
 @settings(max_examples=60, deadline=None)
@@ -57,7 +47,8 @@ def test_padded_equals_unpadded(p, data):
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
     size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
-    assert_padded_equals_unpadded(_matcher(_reducer(p, tokens=n, r=r)), x, right_padding(lengths, n), size)
+    match = block_matcher(_reducer(p, tokens=n, r=r), keys_only=True)
+    assert_padded_equals_unpadded(match, x, right_padding(lengths, n), size)
 
 
 @pytest.mark.parametrize("p", [0, 1, 2])

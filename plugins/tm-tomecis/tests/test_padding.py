@@ -7,16 +7,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor
 
 from tm_tomecis import ToMeCIS
-from tmcore import ModelInfo, Plan, ScheduleClampWarning
+from tmcore import ModelInfo, ScheduleClampWarning
 from tmcore.reducer import validate_config
 from tmcore.registry import registry
 from tmcore.state import TokenState
 from tmcore.testing.padding import (
     assert_blocks_equal_samples,
     assert_padded_equals_unpadded,
+    block_matcher,
     layer_inputs,
     right_padding,
 )
@@ -31,19 +31,6 @@ def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> ToMeCIS:
     return cls(validate_config(cls, config), info)
 
 
-def _matcher(red: ToMeCIS):
-    """``match(x, valid)`` on block 0, attention with the padding bias; a skipped block is the identity."""
-
-    def match(x: Tensor, valid: Tensor | None) -> Plan:
-        b, n, _ = x.shape
-        state = TokenState(red.info.num_protected, n, prop_attn=red.prop_attn, trace=None)
-        state.valid = valid
-        plan = red.match(0, red.score(0, layer_inputs(red, 0, x, state), state), state)
-        return plan if plan is not None else Plan.prune(torch.arange(n).expand(b, n), n, valid)
-
-    return match
-
-
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("r", [1, 4, 10])
 def test_short_samples_equal_their_unpadded_plans(p, r):
@@ -51,9 +38,9 @@ def test_short_samples_equal_their_unpadded_plans(p, r):
     x = torch.randn(6, 22, 6, generator=gen, dtype=torch.float64)
     valid = right_padding([22, 13, p, p + 1, p + 2, p + 3], 22)
     red = _reducer(p, tokens=22, r=r)
-    plan = _matcher(red)(x, valid)
+    plan = block_matcher(red)(x, valid)
     assert plan.weight is not None
-    assert_padded_equals_unpadded(_matcher(red), x, valid)
+    assert_padded_equals_unpadded(block_matcher(red), x, valid)
 
 
 @settings(max_examples=40, deadline=None)
@@ -65,7 +52,7 @@ def test_padded_equals_unpadded(p, data):
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
     size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
-    assert_padded_equals_unpadded(_matcher(_reducer(p, tokens=n, r=r)), x, right_padding(lengths, n), size)
+    assert_padded_equals_unpadded(block_matcher(_reducer(p, tokens=n, r=r)), x, right_padding(lengths, n), size)
 
 
 def test_padding_gets_no_class_importance():
