@@ -67,6 +67,44 @@ def test_needs_beyond_requires_is_a_plugin_error():
         Runtime(Greedy(tmcore.ReducerConfig(), _info()), _info())
 
 
+class _Live(_PerLayer):
+    """Needs narrowed per forward, as LTMP's thresholds do: the runtime asks ``live_needs``."""
+
+    live = (frozenset(), frozenset(), frozenset({"keys"}))
+    seen: list
+
+    def live_needs(self):
+        return self.live
+
+    def score(self, layer, inputs, state):
+        self.seen.append((layer, inputs.needs, inputs.tokens.shape))
+        return None
+
+
+def test_live_needs_narrow_each_forward_and_are_checked_once_per_new_tuple():
+    reducer = _Live(tmcore.ReducerConfig(), _info())
+    reducer.seen = []
+    runtime = Runtime(reducer, _info())
+    x = torch.zeros(2, 10, 4)
+    state = runtime.enter(0, x)
+    assert tuple(runtime.block_needs(i, state) for i in range(3)) == reducer.live
+    for layer in range(3):
+        runtime.step(layer, x, state, None, 1.0)
+    assert reducer.seen == [(0, frozenset(), (2, 10, 4)), (1, frozenset(), (2, 10, 4)), (2, {"keys"}, (2, 10, 4))]
+
+    class Soft(_Live):
+        def soft_step(self, layer, x, inputs, state):
+            return x
+
+    soft = Runtime(Soft(tmcore.ReducerConfig(), _info()), _info())
+    state = soft.enter(0, x, training=True)  # soft-mask training reads what the blocks declared
+    assert tuple(soft.block_needs(i, state) for i in range(3)) == soft.layer_needs
+
+    reducer.live = (frozenset(), frozenset({"values"}), frozenset({"keys"}))  # block 1 declared keys only
+    with pytest.raises(PluginError, match=r"live_needs\(\) returned .*'values'.*one subset of needs\(layer\)"):
+        runtime.enter(0, x)
+
+
 def test_default_score_reads_keys_only_where_needed():
     reducer = _PerLayer(tmcore.ReducerConfig(), _info())
     q, k, v = _qkv()

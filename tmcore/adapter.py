@@ -14,8 +14,10 @@ An adapter's patched block forward does, in this order (`tmcore.runtime.Runtime`
     x = runtime.exit(layer, x, state)              # the last block restores full length if asked
 
 q / k / v reach the reducer through ``runtime.capture`` (`capture_hook` makes the forward hook),
-only in blocks whose ``runtime.layer_needs[layer]`` asks for them; the base class's `patch` adds
-the hook that clears the per-forward state when the model's forward ends.
+only in blocks whose ``runtime.layer_needs[layer]`` asks for them (an adapter that captures
+inside its attention function asks ``runtime.block_needs(layer, state)``, this forward's subset);
+the base class's `patch` adds the hook that clears the per-forward state when the model's forward
+ends.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def needs_explicit_attention(runtime: Runtime, layer: int, state: TokenState) ->
     """Whether block ``layer`` must compute attention probabilities itself (`explicit_attention`)
     instead of the fused kernel: a soft keep-mask must enter the softmax (training a reducer with
     ``soft_step``), or the reducer reads the full attention there (``attn`` in its needs)."""
-    return state.mask is not None or "attn" in runtime.layer_needs[layer]
+    return state.mask is not None or "attn" in runtime.block_needs(layer, state)
 
 
 def explicit_attention(

@@ -67,6 +67,9 @@ class TokenReducer(Protocol):
     keep-mask in ``state.mask`` (all ones at block 0), adapters mask removed keys out of
     attention with it, and ``soft_step`` replaces score / match / reduce, updating
     ``state.mask`` (and ``state.size``) in place of a Plan. See `tmcore.state.Runtime`.
+    Optional: ``live_needs() -> tuple[frozenset[str], ...]``, what each block reads in the current
+    inference forward when that depends on learned state (a subset of ``needs(layer)`` per block,
+    asked once per forward; cache it): `tmcore.runtime.Runtime.block_needs`.
     Ragged plans (``Plan.valid``, built with `tmcore.plan.pack`) let per-sample token counts
     differ at inference; ``state.valid`` then marks the real tokens of the next layer.
     """

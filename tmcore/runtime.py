@@ -34,9 +34,12 @@ class Runtime:
     Adapters call, in each block: ``enter(layer, x, training, valid)`` first,
     ``step(layer, x, state, bias, scale)`` at the reducer's `position` (between attention and
     MLP, or after the block), ``x = exit(layer, x, state)`` last; hooks call ``capture``.
-    What to capture and compute in block ``l`` is ``layer_needs[l]`` (the reducer's `needs`,
-    asked once here): nothing where the reducer does nothing, so those
-    blocks keep the backbone's fused attention and install no hooks.
+    What block ``l`` can ever read is ``layer_needs[l]`` (the reducer's `needs`, asked once
+    here): adapters install capture hooks for it, nothing where the reducer does nothing, so those
+    blocks keep the backbone's fused attention. What it reads in the current forward is
+    `block_needs` (a subset): a reducer whose decisions depend on learned state (LTMP's
+    thresholds) narrows it per forward with ``live_needs()``, e.g. to keep fused attention in
+    blocks whose thresholds cannot fire.
 
     Padding: block 0 takes the input's padding mask (``valid`` ``[B, N]``, real tokens first in
     every sample). It travels through every Plan (``Plan.valid``); reducers keep padding out of
@@ -47,6 +50,11 @@ class Runtime:
     ``full_length``: the last block's `exit` brings the tokens back to the input length through
     the source map (each input position gets its group's value, pruned positions zeros), so
     token-level heads keep working; the state's sizes and validity are reset to the input's.
+
+    ``live_needs() -> tuple[frozenset[str], ...]`` (optional): one entry per block, each a subset
+    of ``layer_needs[l]``, asked when block 0 opens an inference forward (not under a soft mask).
+    The reducer caches it (return the same tuple while its state is unchanged: the runtime checks
+    a new tuple once, then trusts it by identity).
 
     Soft-mask mode: when the model is in training mode and the reducer defines
     ``soft_step(layer, x, inputs, state) -> x``, block 0 opens the state with ``mask`` all ones;
@@ -64,6 +72,8 @@ class Runtime:
         self.layer_needs: tuple[frozenset[str], ...] = tuple(
             _checked_needs(reducer, layer) for layer in range(info.num_layers)
         )
+        self.live = callable(getattr(reducer, "live_needs", None))
+        self._live_checked: tuple[frozenset[str], ...] | None = None
         uid = next(_ids)
         self._state: ContextVar[TokenState | None] = ContextVar(f"tmcore_state_{uid}", default=None)
         self.trace_var: ContextVar[Trace | None] = ContextVar(f"tmcore_trace_{uid}", default=None)
@@ -105,6 +115,8 @@ class Runtime:
                     state.mask = state.mask * state.valid
             if trace is not None:
                 trace.masks = []
+            if self.live and state.mask is None:
+                state.needs = self._live_needs()
             if state.mask is None and (trace is not None or self.full_length):
                 state.source = identity_source(x.shape[0], x.shape[1], x.device)
             state.input_valid = state.valid
@@ -115,13 +127,31 @@ class Runtime:
             state.trace.token_counts.append(state.count(x))
         return state
 
+    def block_needs(self, layer: int, state: TokenState) -> frozenset[str]:
+        """What block ``layer`` reads in ``state``'s forward: the reducer's ``live_needs()`` entry
+        when it has one, else ``layer_needs[layer]``. Adapters capture and compute only this."""
+        return self.layer_needs[layer] if state.needs is None else state.needs[layer]
+
+    def _live_needs(self) -> tuple[frozenset[str], ...]:
+        live = self.reducer.live_needs()  # type: ignore[attr-defined]
+        if live is self._live_checked:
+            return live
+        if len(live) != len(self.layer_needs) or not all(a <= b for a, b in zip(live, self.layer_needs)):
+            raise PluginError(
+                f"reducer {self.reducer.name!r}: live_needs() returned {[sorted(n) for n in live]}, which must be "
+                f"one subset of needs(layer) per block ({[sorted(n) for n in self.layer_needs]}): the adapter "
+                "captures only what needs(layer) declared when the model was patched"
+            )
+        self._live_checked = live
+        return live
+
     def step(self, layer: int, x: Tensor, state: TokenState, bias: Tensor | None, scale: float) -> Tensor:
         """Score, match and reduce ``x`` ``[B, N, C]`` after the attention of block ``layer``.
 
         ``bias`` and ``scale`` are what this block's attention used (for attention-based scores).
         """
         with torch.profiler.record_function("tmcore::reduce"):
-            inputs = LayerInputs(state.captured, bias, scale, self.layer_needs[layer])
+            inputs = LayerInputs(state.captured, bias, scale, self.block_needs(layer, state), x)
             reducer = self.reducer
             if state.mask is not None:
                 x = reducer.soft_step(layer, x, inputs, state)  # type: ignore[attr-defined]

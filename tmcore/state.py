@@ -62,6 +62,8 @@ class TokenState:
         source: ``[B, N0]`` long source map, kept only while tracing.
         captured: tensors the adapter captured in the current layer (q, k, v, soft-mode attn).
         num_input: tokens entering the first block (schedules are defined from it).
+        needs: per block, what the reducer reads in this forward (its ``live_needs()``);
+            ``None``: what it declared at patch time (`tmcore.runtime.Runtime.block_needs`).
     """
 
     __slots__ = (
@@ -75,6 +77,7 @@ class TokenState:
         "num_protected",
         "num_input",
         "trace",
+        "needs",
     )
 
     def __init__(self, num_protected: int, num_input: int, prop_attn: bool, trace: Trace | None) -> None:
@@ -88,6 +91,7 @@ class TokenState:
         self.num_protected = num_protected
         self.num_input = num_input
         self.trace = trace
+        self.needs: tuple[frozenset[str], ...] | None = None
 
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """The additive attention bias ``[B, 1, 1, N]``: ``log(size)`` per key (proportional
@@ -148,17 +152,26 @@ class LayerInputs:
     row (one query against all keys, with the block's bias and scale: no ``N x N`` matrix);
     ``attn`` ``[B, H, N, N]`` full attention probabilities (the adapter's own when it computed
     them explicitly, e.g. under a soft mask, else recomputed from q and k); ``values``
-    ``[B, H, N, d]``. ``needs`` is what the reducer declared for this block (``needs(layer)``):
-    what the adapter captured; anything else is an error, not a silent recomputation.
+    ``[B, H, N, d]``. ``needs`` is what the reducer reads in this block and forward
+    (`tmcore.runtime.Runtime.block_needs`): what the adapter captured; anything else is an error,
+    not a silent recomputation. ``tokens`` is the block's ``[B, N, C]`` tokens at the reduction
+    position (always there, nothing to declare): for the shape and device of a plan that reads
+    no attention input, or for scores computed from the features.
     """
 
     def __init__(
-        self, captured: dict[str, Tensor], bias: Tensor | None, scale: float, needs: frozenset[str] = INPUTS
+        self,
+        captured: dict[str, Tensor],
+        bias: Tensor | None,
+        scale: float,
+        needs: frozenset[str] = INPUTS,
+        tokens: Tensor | None = None,
     ) -> None:
         self._c = captured
         self._bias = bias
         self._scale = scale
         self.needs = needs
+        self.tokens = tokens
         self._cache: dict[str, Tensor] = {}
 
     def _check(self, name: str) -> None:

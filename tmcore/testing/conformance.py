@@ -75,7 +75,8 @@ class ReducerConformance:
     lands on padding and no padding token joins a real token's group; fixed-shape plans report
     int token counts; every real input token lands in exactly one output token and sizes are
     conserved (merge-only reducers); a batch equals its samples run one by one, unpadded
-    (outputs and token counts); gradients flow in training mode. A reducer with
+    (outputs and token counts); a reducer's ``live_needs`` stay within its ``needs`` and decide
+    as they do; gradients flow in training mode. A reducer with
     ``requires_class_token`` is refused on models without one.
     """
 
@@ -187,6 +188,36 @@ class ReducerConformance:
             torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-7, atol=1e-7)
             batched_counts = torch.stack([_per_sample(c, b) for c in t.token_counts], 1)
             assert batched_counts.tolist() == counts, f"{config}: token counts differ from one-by-one runs"
+
+    def test_live_needs_decide_as_the_declared_needs(self, model: nn.Module) -> None:
+        """A reducer with ``live_needs`` (what each block reads in this forward): one subset of
+        ``needs(layer)`` per block, the same tuple while nothing changed, and the same tokens,
+        groups and outputs as a forward in which every block reads all it declared."""
+        x = registry.adapter_for(model).example_inputs(model)
+        for config in self._configs():
+            tmcore.apply(model, self.reducer, replace=True, **config)
+            patch = tmcore.get_patch(model)
+            reducer, runtime = patch.reducer, patch.runtime
+            if not callable(getattr(reducer, "live_needs", None)):
+                pytest.skip("reducer has no live_needs")
+            live = reducer.live_needs()
+            assert live is reducer.live_needs(), "cache live_needs: return the same tuple while nothing changed"
+            assert len(live) == len(runtime.layer_needs)
+            assert all(a <= b for a, b in zip(live, runtime.layer_needs)), (live, runtime.layer_needs)
+            with torch.no_grad(), tmcore.trace(model) as t_live:
+                out_live = run(model, x)
+            runtime.live = False  # every block reads what it declared at patch time
+            try:
+                with torch.no_grad(), tmcore.trace(model) as t_all:
+                    out_all = run(model, x)
+            finally:
+                runtime.live = True
+            b = out_live.shape[0]
+            assert [_per_sample(c, b).tolist() for c in t_live.token_counts] == [
+                _per_sample(c, b).tolist() for c in t_all.token_counts
+            ], config
+            assert torch.equal(t_live.source, t_all.source), f"{config}: other tokens or groups"
+            torch.testing.assert_close(out_live, out_all, rtol=1e-9, atol=1e-9)
 
     def test_deepcopy_is_independent(self, model: nn.Module) -> None:
         x = split_samples(registry.adapter_for(model).example_inputs(model))[0]

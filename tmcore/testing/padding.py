@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tmcore.adapter import explicit_attention
+from tmcore.adapter import explicit_attention, needs_explicit_attention
 from tmcore.plan import Plan, destinations, merge_tokens
 from tmcore.reducer import TokenReducer
 from tmcore.runtime import Runtime
@@ -79,7 +79,8 @@ def layer_inputs(reducer: TokenReducer, layer: int, x: Tensor, state: TokenState
     """What block ``layer`` hands ``reducer`` for tokens ``x`` under ``state`` (its padding bias
     included), from `project_qkv`."""
     q, k, v = project_qkv(x, heads)
-    return LayerInputs({"q": q, "k": k, "v": v}, state.attn_bias(x.dtype), _scale(x, heads), reducer.needs(layer))
+    bias = state.attn_bias(x.dtype)
+    return LayerInputs({"q": q, "k": k, "v": v}, bias, _scale(x, heads), reducer.needs(layer), tokens=x)
 
 
 def padded_state(reducer: TokenReducer, x: Tensor, valid: Tensor | None) -> TokenState:
@@ -100,7 +101,7 @@ def block_matcher(
         b, n, _ = x.shape
         state = padded_state(reducer, x, valid)
         if keys_only:
-            inputs = LayerInputs({"k": x.unsqueeze(1)}, None, 1.0, reducer.needs(layer))
+            inputs = LayerInputs({"k": x.unsqueeze(1)}, None, 1.0, reducer.needs(layer), tokens=x)
         else:
             inputs = layer_inputs(reducer, layer, x, state)
         plan = reducer.match(layer, reducer.score(layer, inputs, state), state)
@@ -129,7 +130,7 @@ def run_blocks(
         for name, t in zip("qkv", (q, k, v)):
             rt.capture(name, t)
         bias = state.attn_bias(x.dtype)
-        if state.mask is not None or "attn" in rt.layer_needs[layer]:
+        if needs_explicit_attention(rt, layer, state):
             explicit_attention(q, k, v, _scale(x, heads), bias, state, rt)
         x = rt.exit(layer, rt.step(layer, x, state, bias, _scale(x, heads)), state)
     counts.append(state.count(x))

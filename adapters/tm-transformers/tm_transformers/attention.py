@@ -97,7 +97,7 @@ def tmcore_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     runtime, layer = link.runtime, link.layer
-    needs = runtime.layer_needs[layer]
+    needs = runtime.block_needs(layer, state)
     if needs & _NEEDS_K:
         runtime.capture("k", key)
     if needs & _NEEDS_Q:

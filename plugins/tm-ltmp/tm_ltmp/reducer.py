@@ -73,6 +73,14 @@ class LTMPConfig(ReducerConfig):
     )
 
 
+_Scores = tuple[Tensor | None, Tensor | None, Tensor]
+
+
+def _and(mask: Tensor | None, other: Tensor) -> Tensor:
+    """``mask & other``, where a ``None`` mask means all true (unpadded batches skip the op)."""
+    return other if mask is None else mask & other
+
+
 def _real_first(valid: Tensor, order: Tensor | None) -> Tensor:
     """``[B, N]`` long: `concat_order` (``None``: the identity), then each sample's padding moved
     behind its real tokens (a stable partition), so real tokens come first in their order alone.
@@ -121,6 +129,7 @@ class LTMP(BaseReducer):
         merge0, prune0 = DEFAULT_THRESHOLDS[cfg.mode]
         self.merge_threshold = nn.Parameter(self._per_block("merge_threshold", cfg.merge_threshold, merge0, layers))
         self.prune_threshold = nn.Parameter(self._per_block("prune_threshold", cfg.prune_threshold, prune0, layers))
+        self._live: tuple[tuple, tuple[frozenset[str], ...]] | None = None  # (thresholds' versions, needs)
 
     @staticmethod
     def _per_block(field: str, value: float | list[float] | None, default: float, layers: int) -> Tensor:
@@ -247,32 +256,62 @@ class LTMP(BaseReducer):
 
     # -- inference: tokens removed, ragged batches (4.5) ---------------------------------------
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> tuple[Tensor | None, Tensor | None]:
-        """``(keys [B, N, d] or None, importance [B, N] or None)``: what this mode uses."""
-        mode = self.config.mode
-        keys = inputs.keys if mode != "prune" else None
-        imp = importance(inputs.attn, state.num_protected, state.valid, self.keep_top) if mode != "merge" else None
-        return keys, imp
+    def live_needs(self) -> tuple[frozenset[str], ...]:
+        """What each block reads at inference with the current thresholds (`tmcore.Runtime`):
+        ``keys`` where the merge threshold can fire (``< 1``: a cosine similarity is at most 1),
+        ``attn`` where the prune threshold can fire (``> 0``: importance is a mean of softmax
+        probabilities, which are positive), nothing elsewhere. Blocks without ``attn`` keep the
+        backbone's fused attention; blocks with neither skip scoring and matching and only
+        re-order (`match`).
 
-    def match(self, layer: int, scores: tuple[Tensor | None, Tensor | None], state: TokenState) -> Plan:
-        keys, imp = scores
+        The thresholds are read to the host once per change (`load`, `fit`, any in-place update
+        bumps their version counters), not per forward or block.
+        """
+        key = tuple((id(t), t._version, t.data_ptr(), t.device) for t in self.threshold_parameters())
+        cached = self._live
+        if cached is None or cached[0] != key:
+            merge, prune = torch.stack([self.merge_threshold.detach(), self.prune_threshold.detach()]).tolist()
+            mode = self.config.mode
+            needs = tuple(
+                frozenset({"keys"} if mode != "prune" and m < 1 else set())
+                | frozenset({"attn"} if mode != "merge" and q > 0 else set())
+                for m, q in zip(merge, prune)
+            )
+            cached = self._live = (key, needs)
+        return cached[1]
+
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> _Scores:
+        """``(keys [B, N, d], importance [B, N], tokens [B, N, C])``; keys and importance are
+        ``None`` in blocks whose thresholds cannot use them (`live_needs`)."""
+        needs = inputs.needs
+        keys = inputs.keys if self.config.mode != "prune" and "keys" in needs else None
+        imp = None
+        if self.config.mode != "merge" and "attn" in needs:
+            imp = importance(inputs.attn, state.num_protected, state.valid, self.keep_top)
+        assert inputs.tokens is not None
+        return keys, imp, inputs.tokens
+
+    def match(self, layer: int, scores: _Scores, state: TokenState) -> Plan | None:
+        keys, imp, tokens = scores
         mode, valid, p = self.config.mode, state.valid, state.num_protected
-        ref = keys if keys is not None else imp
-        assert ref is not None
-        theta_merge, theta_prune = self._thresholds(layer, ref.device)
-        b, n = ref.shape[:2]
-        if valid is None:
-            valid = torch.ones(b, n, dtype=torch.bool, device=ref.device)
-        if mode == "prune":
-            return pack(torch.arange(n, device=ref.device), valid & (imp > theta_prune), n)
-        if mode == "merge":
-            return self._merge_plan(keys, valid, None, theta_merge, theta_prune, p)
+        b, n = tokens.shape[:2]
+        theta_merge, theta_prune = self._thresholds(layer, tokens.device)
+        if mode == "prune":  # no re-ordering: a block that cannot prune has no plan
+            if imp is None:
+                return None
+            plan = pack(torch.arange(n, device=tokens.device), _and(valid, imp > theta_prune), n)
+            # one unpadded sample that keeps everything: no plan (its count is known after pack's sync)
+            return None if b == 1 and valid is None and plan.num_out == n else plan
         if mode == "merge_prune":
-            return self._merge_plan(keys, valid, imp, theta_merge, theta_prune, p)
+            return self._merge_plan(keys, valid, imp, theta_merge, theta_prune, p, b, n, tokens.device)
+        if mode == "merge" or imp is None:
+            return self._merge_plan(keys, valid, None, theta_merge, theta_prune, p, b, n, tokens.device)
         # prune_merge: prune, pack the survivors, merge among them (parity of the packed order)
-        pruned = pack(torch.arange(n, device=ref.device), valid & (imp > theta_prune), n)
-        packed_keys = reduce(keys, pruned)
-        merged = self._merge_plan(packed_keys, pruned.valid, None, theta_merge, theta_prune, p)
+        pruned = pack(torch.arange(n, device=tokens.device), _and(valid, imp > theta_prune), n)
+        packed_keys = reduce(keys, pruned) if keys is not None else None
+        merged = self._merge_plan(
+            packed_keys, pruned.valid, None, theta_merge, theta_prune, p, b, pruned.num_out, tokens.device
+        )
         return Plan(
             keep=pruned.keep.gather(1, merged.keep),
             src=pruned.keep.gather(1, merged.src),
@@ -283,28 +322,50 @@ class LTMP(BaseReducer):
 
     @staticmethod
     def _merge_plan(
-        keys: Tensor, valid: Tensor, imp: Tensor | None, theta_merge: Tensor, theta_prune: Tensor, p: int
+        keys: Tensor | None,
+        valid: Tensor | None,
+        imp: Tensor | None,
+        theta_merge: Tensor,
+        theta_prune: Tensor,
+        p: int,
+        b: int,
+        n: int,
+        device: torch.device,
     ) -> Plan:
-        """Merge A tokens above ``theta_merge`` into their best B token, then (with ``imp``)
-        prune groups whose importance (max over members) is at or below ``theta_prune``.
+        """Merge A tokens above ``theta_merge`` into their best B token (with ``keys``), then
+        (with ``imp``) prune groups whose importance (max over members) is at or below
+        ``theta_prune``; the output in LTMP's ``[A, B]`` order (`output_order`). With neither,
+        only that re-ordering: a static gather, no host sync (later blocks pair tokens by it).
 
         Args:
-            keys: ``[B, N, d]``; valid: ``[B, N]`` bool; imp: ``[B, N]`` or ``None`` (no pruning).
+            keys: ``[B, N, d]`` or ``None`` (no merging); valid: ``[B, N]`` bool or ``None`` (all
+                real); imp: ``[B, N]`` or ``None`` (no pruning).
         """
-        b, n, _ = keys.shape
-        best, idx = best_match(keys, p, valid=valid)
-        merged = best > theta_merge  # [B, Na]; protected / padding rows are -inf
-        keep_a, keep_b = valid[:, ::2] & ~merged, valid[:, 1::2]
+        order = output_order(n, p, device)
+        if keys is None and imp is None:
+            if valid is None:
+                return Plan.prune(order.expand(b, n), n)
+            return pack(order, valid[:, order], n, num_out=n)  # each sample's real tokens first
+        keep_a = valid[:, ::2] if valid is not None else None
+        keep_b = valid[:, 1::2] if valid is not None else None
+        merged = idx = None
+        if keys is not None:
+            best, idx = best_match(keys, p, valid=valid)
+            merged = best > theta_merge  # [B, Na]; protected / padding rows are -inf
+            keep_a = _and(keep_a, ~merged)
         if imp is not None:
             imp_a, imp_b = imp[:, ::2], imp[:, 1::2]
-            if n > 1:
+            if merged is not None and n > 1:
                 imp_b = imp_b.scatter_reduce(1, idx, imp_a.masked_fill(~merged, -math.inf), reduce="amax")
-            keep_a = keep_a & (imp_a > theta_prune)
-            keep_b = keep_b & (imp_b > theta_prune)
-        kept = torch.empty(b, n, dtype=torch.bool, device=keys.device)
-        kept[:, ::2], kept[:, 1::2] = keep_a, keep_b
-        order, position = output_order(n, p, keys.device), output_position(n, p, keys.device)
-        src = torch.arange(0, n, 2, device=keys.device).expand(b, -1)
+            keep_a = _and(keep_a, imp_a > theta_prune)
+            keep_b = _and(keep_b, imp_b > theta_prune)
+        kept = torch.empty(b, n, dtype=torch.bool, device=device)
+        kept[:, ::2] = True if keep_a is None else keep_a
+        kept[:, 1::2] = True if keep_b is None else keep_b
+        if merged is None:
+            return pack(order, kept[:, order], n)
+        position = output_position(n, p, device)
+        src = torch.arange(0, n, 2, device=device).expand(b, -1)
         target = torch.where(merged, position[(2 * idx + 1).clamp(max=n - 1)], -1)
         return pack(order, kept[:, order], n, src=src, src_target=target)
 
