@@ -31,12 +31,24 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of one epoch of the 60k training images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, nargs="+", default=[5e-6, 5e-3], help="prune lr, merge lr")
+    p.add_argument(
+        "--regulariser",
+        choices=["lagrangian", "penalty"],
+        default="lagrangian",
+        help="lagrangian (tmcore's default: the FLOPs penalty plus a learned multiplier) or penalty (the original's)",
+    )
+    p.add_argument("--multiplier-lr", type=float, default=5.0, help="step size of the multiplier (lagrangian)")
+    p.add_argument("--clip", type=float, default=1.0, help="per-element gradient clip of the thresholds (0: none)")
+    p.add_argument("--original", action="store_true", help="the original's recipe: --regulariser penalty --clip 0")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (quick experiments)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the training forwards (thresholds stay fp32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("build/fmnist-vit-ltmp.safetensors"))
     args = p.parse_args()
 
+    if args.original:
+        args.regulariser, args.clip = "penalty", 0.0
     torch.set_num_threads(args.threads)
     model = models.load("fmnist-vit")
     tmcore.apply(model, "ltmp", reduction_target=args.target)
@@ -47,7 +59,18 @@ def main() -> None:
     loader = [(models.preprocess(images[idx], model), labels[idx]) for idx in batches]
 
     start = time.time()
-    history = tm_ltmp.fit(model, loader, epochs=1, lr=args.lr, amp_dtype=torch.bfloat16 if args.bf16 else None)
+    history = tm_ltmp.fit(
+        model,
+        loader,
+        epochs=1,
+        lr=args.lr,
+        regulariser=args.regulariser,
+        multiplier_lr=args.multiplier_lr,
+        clip=args.clip or None,
+        max_steps=args.max_steps,
+        amp_dtype=torch.bfloat16 if args.bf16 else None,
+        log_every=10,
+    )
     seconds = time.time() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmcore.save(model, args.out)
@@ -63,6 +86,11 @@ def main() -> None:
         "images": history.steps * args.batch_size,
         "fraction_of_epoch": round(history.steps * args.batch_size / len(images), 3),
         "bf16": args.bf16,
+        "lr": args.lr,
+        "regulariser": args.regulariser,
+        "multiplier_lr": args.multiplier_lr if args.regulariser == "lagrangian" else None,
+        "clip": args.clip or None,
+        "multiplier_last": round(history.multiplier[-1], 4),
         "seconds": round(seconds),
         "flops_ratio_first": round(history.flops_ratio[0], 4),
         "flops_ratio_last10pct": round(sum(history.flops_ratio[-tail:]) / tail, 4),

@@ -164,6 +164,28 @@ def test_fit_moves_the_flops_ratio_to_the_target_and_freezes_the_backbone():
     assert int(t.token_counts[-1].max()) < 65
 
 
+def test_fit_reaches_a_low_target_where_the_original_penalty_settles_short_of_it():
+    """Against the cross-entropy's pull the original's penalty alone settles 0.04 above the target;
+    the default recipe's multiplier (and gradient clip) brings the FLOPs ratio onto it."""
+    loader = _synthetic_loader(batches=16, batch=16)
+    ends = {}
+    for recipe in ({}, {"regulariser": "penalty", "clip": None}):
+        torch.manual_seed(0)
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=7
+        ).eval()
+        tmcore.apply(model, "ltmp")
+        history = tm_ltmp.fit(model, loader, reduction_target=0.42, epochs=6, lr=(1e-4, 5e-2), progress=False, **recipe)
+        ends[recipe.get("regulariser", "lagrangian")] = sum(history.flops_ratio[-16:]) / 16
+        assert history.flops_ratio[0] > 0.95
+        if recipe:
+            assert set(history.multiplier) == {0.0}
+        else:
+            assert history.multiplier[-1] > 0, "the multiplier pulled towards the target"
+    assert abs(ends["lagrangian"] - 0.42) < 0.02, ends
+    assert ends["penalty"] - 0.42 > 0.03, ends
+
+
 def test_fit_progress_and_nan_batches_are_skipped(capsys, monkeypatch):
     model = tmcore.apply(tiny_timm_models()["vit"]().float(), "ltmp")
     loader = _synthetic_loader(batches=3, batch=2)
@@ -262,6 +284,9 @@ def test_fit_rejects_bad_arguments():
         ({"reduction_target": 1.2}, r"reduction_target=1.2"),
         ({"lr": (1e-3, 1e-3, 1e-3)}, r"lr=.*one positive float .* or two \(prune lr, merge lr\)"),
         ({"epochs": 0}, r"epochs=0"),
+        ({"regulariser": "l2"}, r"regulariser='l2': allowed 'lagrangian' or 'penalty'"),
+        ({"multiplier_lr": -1.0}, r"multiplier_lr=-1.0: must be a finite float >= 0"),
+        ({"clip": 0.0}, r"clip=0.0: must be a finite float > 0, or None"),
     ]:
         with pytest.raises(InvalidConfigError, match=match):
             tm_ltmp.fit(model, [], **kwargs)
