@@ -312,10 +312,14 @@ def test_soft_mask_attention_composes_the_attention_submodules(monkeypatch):
     assert not fused_calls and len(seen) == steps
 
 
-@pytest.mark.parametrize("reducer, config, fused", [("tome", {"r": 4}, True), ("ltmp", {}, False)])
+@pytest.mark.parametrize(
+    "reducer, config, fused",
+    [("tome", {"r": 4}, True), ("ltmp", {"prune_threshold": 0.004}, False), ("ltmp", {}, True)],
+)
 def test_fused_attention_unless_the_reducer_reads_the_probabilities(reducer, config, fused):
-    """SDPA stays in use; a reducer that requires the full attention ('attn', LTMP) gets it from
-    one explicit attention instead of the fused one plus a recomputation."""
+    """SDPA stays in use; a reducer that reads the full attention ('attn', LTMP where its prune
+    threshold can fire) gets it from one explicit attention instead of the fused one plus a
+    recomputation; LTMP's default prune threshold (0) cannot fire, so it keeps SDPA."""
     if reducer not in {r.name for r in tmcore.reducers()}:
         pytest.skip(f"{reducer} not installed")
     model = tmcore.apply(tiny_timm_models()["vit"](), reducer, **config).eval()

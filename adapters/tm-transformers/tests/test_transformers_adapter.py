@@ -162,8 +162,12 @@ def test_sdpa_and_eager_agree(monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("reducer, config, fused", [("tome", {"r": 4}, True), ("ltmp", {}, False)])
+@pytest.mark.parametrize(
+    "reducer, config, fused",
+    [("tome", {"r": 4}, True), ("ltmp", {"prune_threshold": 0.004}, False), ("ltmp", {}, True)],
+)
 def test_fused_attention_unless_the_reducer_reads_the_probabilities(monkeypatch, reducer, config, fused):
+    """SDPA stays in use, except where LTMP's prune threshold can fire (it reads the probabilities)."""
     if not installed(reducer):
         pytest.skip(f"{reducer} not installed")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
