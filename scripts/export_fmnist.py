@@ -116,8 +116,9 @@ A timm `VisionTransformer` trained from scratch on Fashion-MNIST (MIT licence, D
 **Accuracy of the shipped fp16 weights: {100 * card["test_top1"]:.2f}% on the 10,000 test images,
 {100 * card["sample_top1"]:.2f}% on the bundled sample** (`fmnist-test-2000.safetensors.gz`: {card["sample"]}).
 
-LTMP thresholds learned for this model at reduction target 0.75:
-`fmnist-vit-ltmp75.safetensors`, made by `scripts/fit_ltmp_fmnist.py` (figures in `plugins/tm-ltmp/README.md`);
+LTMP thresholds learned for this model at reduction targets 0.75 and 0.5:
+`fmnist-vit-ltmp75.safetensors` and `fmnist-vit-ltmp50.safetensors`, made by
+`scripts/fit_ltmp_fmnist.py` (`make fit-ltmp-fmnist`; figures in `plugins/tm-ltmp/README.md`);
 `tmcore.load(model, path)` for a path in `tmcore.models.reducer_files("fmnist-vit", "ltmp")`.
 """
 

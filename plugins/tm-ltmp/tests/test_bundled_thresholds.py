@@ -33,4 +33,4 @@ def test_bundled_thresholds_reproduce_their_recorded_accuracy_and_flops(path):
     top1, ratio = top1_and_flop_ratio(model, models.preprocess(images, model), labels)
     assert top1 == pytest.approx(summary["eval_sample_top1"], abs=1e-3)  # 2 images at most
     assert ratio == pytest.approx(summary["eval_sample_flops_ratio"], abs=2e-3)
-    assert abs(summary["flops_ratio_last10pct"] - summary["target"]) < 0.02, "the fit reached its target"
+    assert abs(summary["flops_ratio_last10pct"] - summary["target"]) < 0.03, "the fit reached its target"
