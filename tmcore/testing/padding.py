@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from tmcore.adapter import explicit_attention, needs_explicit_attention
 from tmcore.plan import Plan, destinations, merge_tokens
-from tmcore.reducer import TokenReducer
+from tmcore.reducer import ModelInfo, TokenReducer, validate_config
+from tmcore.registry import registry
 from tmcore.runtime import Runtime
 from tmcore.state import LayerInputs, TokenState
 
 __all__ = [
+    "make_reducer",
     "assert_padded_equals_unpadded",
     "assert_blocks_equal_samples",
     "right_padding",
@@ -73,6 +76,30 @@ def project_qkv(x: Tensor, heads: int = HEADS) -> tuple[Tensor, Tensor, Tensor]:
 
 def _scale(x: Tensor, heads: int) -> float:
     return (x.shape[-1] // heads) ** -0.5
+
+
+def make_reducer(
+    name: str,
+    num_protected: int,
+    num_layers: int = 1,
+    num_tokens: int = 24,
+    class_token: bool | None = None,
+    pool: str = "token",
+    **config: Any,
+) -> TokenReducer:
+    """The registered reducer ``name`` built from ``config`` (validated) for a stand-in model
+    of ``num_layers`` blocks and ``num_tokens`` tokens with ``num_protected`` prefix tokens; it has a
+    class token when ``num_protected > 0`` unless ``class_token`` says otherwise."""
+    cls = registry.get_reducer(name).obj
+    info = ModelInfo(
+        family="test",
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_protected=num_protected,
+        class_token=num_protected > 0 if class_token is None else class_token,
+        pool=pool,
+    )
+    return cls(validate_config(cls, config), info)
 
 
 def layer_inputs(reducer: TokenReducer, layer: int, x: Tensor, state: TokenState, heads: int = HEADS) -> LayerInputs:

@@ -10,13 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tm_ltmp import LTMP
-from tmcore import ModelInfo
-from tmcore.reducer import validate_config
-from tmcore.registry import registry
 from tmcore.testing.padding import (
     assert_blocks_equal_samples,
     assert_padded_equals_unpadded,
     block_matcher,
+    make_reducer,
     right_padding,
 )
 
@@ -24,16 +22,7 @@ MODES = ["merge_prune", "prune_merge", "merge", "prune"]
 
 
 def _reducer(p: int, layers: int = 1, **config) -> LTMP:
-    cls = registry.get_reducer("ltmp").obj
-    info = ModelInfo(
-        family="test",
-        num_layers=layers,
-        num_tokens=24,
-        num_protected=p,
-        class_token=p > 0,
-        pool="token" if p else "avg",
-    )
-    return cls(validate_config(cls, config), info)
+    return make_reducer("ltmp", p, layers, pool="token" if p else "avg", **config)
 
 
 @pytest.mark.parametrize("mode", MODES)

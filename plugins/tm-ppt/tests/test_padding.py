@@ -13,14 +13,13 @@ from torch import Tensor
 
 from tm_ppt import PPT
 from tm_ppt.reducer import masked_variance
-from tmcore import ModelInfo, ScheduleClampWarning
-from tmcore.reducer import validate_config
-from tmcore.registry import registry
+from tmcore import ScheduleClampWarning
 from tmcore.testing.padding import (
     assert_blocks_equal_samples,
     assert_padded_equals_unpadded,
     block_matcher,
     layer_inputs,
+    make_reducer,
     padded_state,
     right_padding,
 )
@@ -30,9 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore", category=ScheduleClampWarning)
 
 
 def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> PPT:
-    cls = registry.get_reducer("ppt").obj
-    info = ModelInfo(family="test", num_layers=layers, num_tokens=tokens, num_protected=p, class_token=True)
-    return cls(validate_config(cls, {"layers": list(range(layers)), **config}), info)
+    return make_reducer("ppt", p, layers, tokens, class_token=True, layers=list(range(layers)), **config)
 
 
 def _significance_alone(red: PPT, x: Tensor) -> Tensor:

@@ -9,13 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tm_tome import ToMe
-from tmcore import ModelInfo, ScheduleClampWarning
-from tmcore.reducer import validate_config
-from tmcore.registry import registry
+from tmcore import ScheduleClampWarning
 from tmcore.testing.padding import (
     assert_blocks_equal_samples,
     assert_padded_equals_unpadded,
     block_matcher,
+    make_reducer,
     right_padding,
 )
 
@@ -24,9 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore", category=ScheduleClampWarning)
 
 
 def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> ToMe:
-    cls = registry.get_reducer("tome").obj
-    info = ModelInfo(family="test", num_layers=layers, num_tokens=tokens, num_protected=p, class_token=p > 0)
-    return cls(validate_config(cls, config), info)
+    return make_reducer("tome", p, layers, tokens, **config)
 
 
 @pytest.mark.parametrize("p", [0, 1, 2])

@@ -9,15 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tm_tomecis import ToMeCIS
-from tmcore import ModelInfo, ScheduleClampWarning
-from tmcore.reducer import validate_config
-from tmcore.registry import registry
+from tmcore import ScheduleClampWarning
 from tmcore.state import TokenState
 from tmcore.testing.padding import (
     assert_blocks_equal_samples,
     assert_padded_equals_unpadded,
     block_matcher,
     layer_inputs,
+    make_reducer,
     right_padding,
 )
 
@@ -26,9 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore", category=ScheduleClampWarning)
 
 
 def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> ToMeCIS:
-    cls = registry.get_reducer("tomecis").obj
-    info = ModelInfo(family="test", num_layers=layers, num_tokens=tokens, num_protected=p, class_token=True)
-    return cls(validate_config(cls, config), info)
+    return make_reducer("tomecis", p, layers, tokens, class_token=True, **config)
 
 
 @pytest.mark.parametrize("p", [1, 2])
