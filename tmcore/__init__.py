@@ -5,7 +5,7 @@ model = timm.create_model("deit_small_patch16_224")
 tmcore.apply(model, "tome", r=13)
 """
 
-from tmcore import models
+from tmcore import config, models
 from tmcore.adapter import Adapter, Patch
 from tmcore.api import adapters, apply, get_patch, load, plugins, reducers, remove, save, trace
 from tmcore.errors import (
@@ -60,6 +60,7 @@ __all__ = [
     "adapters",
     "apply",
     "bipartite_soft_matching",
+    "config",
     "get_patch",
     "hookimpl",
     "load",

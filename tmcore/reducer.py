@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 from torch import Tensor
 
+from tmcore.config import show
 from tmcore.errors import InvalidConfigError
 from tmcore.plan import Plan, merge_tokens, unmerge
 from tmcore.state import INPUTS, LayerInputs, TokenState
@@ -44,7 +47,8 @@ class ModelInfo(BaseModel):
 
 
 class ReducerConfig(BaseModel):
-    """Base of every reducer's config: unknown keys are errors, values are immutable."""
+    """Base of every reducer's config: unknown keys are errors, values are immutable. Fields use
+    the strict types of `tmcore.config` (no lax coercion; errors say what is allowed in words)."""
 
     # inf is a meaningful value (PPT's threshold); JSON keeps it as Infinity, not null, so save / load
     # round-trips it
@@ -162,27 +166,60 @@ def _describe_fields(model: type[BaseModel]) -> str:
     return "; ".join(parts) or "(none)"
 
 
-def validate_config(reducer: type[TokenReducer], config: dict[str, Any]) -> ReducerConfig:
+def _pydantic_words(err: ErrorDetails) -> str:
+    """An error's message as ``must be ...``: a `tmcore.config` rule's own sentence, or pydantic's
+    wording for plain pydantic fields (``Input should be ...``) brought into that form."""
+    msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg.removeprefix("Input should be ")
+    return msg
+
+
+def _describe_errors(errors: list[ErrorDetails], config: dict[str, Any]) -> list[str]:
+    """One line per bad key: ``key=value: must be ...``, the value as given, whatever nested
+    position or union member pydantic blamed (its locations name internals such as
+    ``list[constrained-float]``, which mean nothing to the user)."""
+    lines: dict[str, list[str]] = {}
+    for err in errors:
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            head, msg = f"unknown config key {show(loc[0])} (value {show(err['input'])})", ""
+        elif err["type"] == "invalid_key":
+            head, msg = f"config key {show(err['input'])} is not a string", ""
+        elif err["type"] == "missing":
+            head, msg = f"{loc[0]} is required", ""
+        elif not loc:  # a model validator (several fields together): its message names them
+            head, msg = _pydantic_words(err), ""
+        else:
+            key = loc[0]
+            head = f"{key}={show(config.get(key, err['input']))}"
+            entries = [p for p in loc[1:] if isinstance(p, int)]
+            msg = ("entry " + ", ".join(map(str, entries)) + ": " if entries else "") + _pydantic_words(err)
+        if msg not in lines.setdefault(head, []):
+            lines[head].append(msg)
+    return [head + (": " + ", or ".join(m for m in msgs if m) if any(msgs) else "") for head, msgs in lines.items()]
+
+
+def validate_config(reducer: type[TokenReducer], config: Mapping[str, Any]) -> ReducerConfig:
     """Validate ``config`` against ``reducer.config_model``.
 
     Raises:
-        InvalidConfigError: naming each bad field, its value and what is allowed.
+        InvalidConfigError: for any config that does not validate (and nothing else), naming
+            each bad key, its value as given and what is allowed, in words.
     """
-    try:
-        return reducer.config_model(**config)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(config)"
-            if err["type"] == "extra_forbidden":
-                lines.append(f"unknown config key {field!r} (value {err['input']!r})")
-            elif err["type"] == "missing":
-                lines.append(f"{field} is required")
-            else:
-                msg = err["msg"].removeprefix("Value error, ")
-                lines.append(f"{field}={err['input']!r}: {msg}")
+    name = reducer.name
+    if not isinstance(config, Mapping):
         raise InvalidConfigError(
-            f"invalid config for reducer {reducer.name!r}: "
+            f"invalid config for reducer {name!r}: expected a mapping of config keys to values, got "
+            f"{type(config).__name__} {show(config)}"
+        )
+    config = dict(config)
+    try:
+        return reducer.config_model.model_validate(config)
+    except ValidationError as exc:
+        lines = _describe_errors(exc.errors(include_url=False), config)
+        raise InvalidConfigError(
+            f"invalid config for reducer {name!r}: "
             + "; ".join(lines)
             + f". Allowed keys: {_describe_fields(reducer.config_model)}"
         ) from None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import warnings
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import PlainSerializer, PlainValidator
-
+from tmcore.config import Integer, Number, Rule, check_pair, field_type, pair_json, rule_of
 from tmcore.errors import InvalidConfigError, ScheduleClampWarning
 from tmcore.matching import max_bipartite_r
 
@@ -15,47 +14,22 @@ __all__ = ["RSchedule", "BipartiteSchedule", "parse_r", "clamped_r", "clamped_r_
 
 RValue = int | list[int] | tuple[int, float]
 
+_R = rule_of(Integer(ge=0))
+_INFLECT = rule_of(Number(ge=-1, le=1))
 _R_ALLOWED = (
-    "an int >= 0 (the same r in every block), a list of ints >= 0 (one per block), "
-    "or a tuple (r, inflect) with int r >= 0 and -1 <= inflect <= 1 (a linear ramp)"
+    f"{_R.allowed} (the same r in every block), a list of such ints (one per block), "
+    f"or a tuple (r, inflect) of {_R.allowed} and {_INFLECT.allowed} (a linear ramp)"
 )
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _check_r(value: Any) -> RValue:
+    if isinstance(value, list):
+        return _R.each(value)  # empty: no block merges
+    pair = check_pair(value, ("r", "inflect"), (_R, _INFLECT))
+    return _R.check(value) if pair is None else pair
 
 
-def _validate_r(value: Any) -> RValue:
-    if _is_int(value) and value >= 0:
-        return value
-    if isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value):
-        return list(value)
-    if isinstance(value, dict) and set(value) == {"r", "inflect"}:  # the JSON form of a tuple
-        value = (value["r"], value["inflect"])
-    if (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and _is_int(value[0])
-        and value[0] >= 0
-        and isinstance(value[1], (int, float))
-        and not isinstance(value[1], bool)
-        and -1.0 <= value[1] <= 1.0
-    ):
-        return (value[0], float(value[1]))
-    raise ValueError(f"must be {_R_ALLOWED}")
-
-
-def _serialize_r(value: RValue) -> Any:
-    if isinstance(value, tuple):
-        return {"r": value[0], "inflect": value[1]}
-    return value
-
-
-RSchedule = Annotated[
-    RValue,
-    PlainValidator(_validate_r),
-    PlainSerializer(_serialize_r, when_used="json"),
-]
+RSchedule = field_type(Rule(_R_ALLOWED, _check_r), RValue, json=pair_json(("r", "inflect")))
 """A pydantic field type for ToMe-style ``r``: int, per-block list, or ``(r, inflect)``."""
 
 

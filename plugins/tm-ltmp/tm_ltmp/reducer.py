@@ -10,7 +10,7 @@ are ``nn.Parameter``s on the reducer, saved by ``tmcore.save``.
 from __future__ import annotations
 
 import math
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -18,14 +18,16 @@ from torch import Tensor, nn
 
 from tm_ltmp.masks import best_match, concat_order, importance, output_order, output_position, threshold_mask
 from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
+from tmcore.config import Choice, Number, PerBlock, rule_of, show
 from tmcore.plan import merge_weighted, pack, reduce
 
 __all__ = ["LTMP", "LTMPConfig", "DEFAULT_THRESHOLDS"]
 
 Mode = Literal["merge_prune", "prune_merge", "merge", "prune"]
 
-MergeValue = Annotated[float, Field(ge=-1.0, le=2.0)]
-PruneValue = Annotated[float, Field(ge=-1.0, le=2.0)]
+Threshold = Number(ge=-1, le=2)
+"""One block's merge or prune threshold, in a config or a thresholds file."""
+_THRESHOLD = rule_of(Threshold)
 
 DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {
     "merge_prune": (0.9, 0.0),  # the original: merge at 1.0 would only ever learn pruning
@@ -37,20 +39,18 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {
 
 
 class LTMPConfig(ReducerConfig):
-    mode: Mode = Field(
+    mode: Choice(Mode) = Field(
         default="merge_prune",
         description=(
             "merge_prune (the paper's: merge then prune), prune_merge (prune on this block's importance, "
             "then merge), merge (merging only), prune (pruning only, no proportional attention)"
         ),
     )
-    tau: float = Field(
+    tau: Number(gt=0, le=10) = Field(
         default=0.5,
-        gt=0.0,
-        le=10.0,
         description="temperature of the straight-through sigmoid masks, 0 < tau <= 10 (training only)",
     )
-    merge_threshold: MergeValue | list[MergeValue] | None = Field(
+    merge_threshold: PerBlock(Threshold) | None = Field(
         default=None,
         description=(
             "initial merge threshold(s): cosine similarity above which a token merges, one float for "
@@ -58,22 +58,38 @@ class LTMPConfig(ReducerConfig):
             "(0.9 for merge_prune, else 1.0)"
         ),
     )
-    prune_threshold: PruneValue | list[PruneValue] | None = Field(
+    prune_threshold: PerBlock(Threshold) | None = Field(
         default=None,
         description=(
             "initial prune threshold(s): mean attention received at or below which a token is pruned, "
             "one float or a per-block list, each in [-1, 2] (< 0 disables pruning); default 0"
         ),
     )
-    reduction_target: float = Field(
+    reduction_target: Number(gt=0, le=1) = Field(
         default=0.75,
-        gt=0.0,
-        le=1.0,
         description="FLOPs ratio that tm_ltmp.fit trains the thresholds towards, 0 < target <= 1",
     )
 
 
 _Scores = tuple[Tensor | None, Tensor | None, Tensor]
+
+
+def _threshold_problem(value: Tensor, layers: int) -> str:
+    """What is wrong with ``value`` as the ``[layers]`` thresholds of a model (``""``: nothing):
+    a floating dtype, that shape, and every entry a `Threshold`, as in a config."""
+    allowed = f"allowed: a floating-point tensor of shape ({layers},), each value {_THRESHOLD.allowed}"
+    if not value.is_floating_point():
+        return f"has dtype {value.dtype}; {allowed}"
+    if value.shape != (layers,):
+        blocks = value.shape[0] if value.dim() == 1 else "?"
+        return (
+            f"has shape {tuple(value.shape)} (a model with {blocks} blocks), but this model has {layers} "
+            f"blocks: allowed shape ({layers},)"
+        )
+    bad = {i: v for i, v in enumerate(value.tolist()) if not _THRESHOLD.accepts(v)}
+    if bad:
+        return f"has values {show(list(bad.values()))} at block(s) {list(bad)}; {allowed}"
+    return ""
 
 
 def _and(mask: Tensor | None, other: Tensor) -> Tensor:
@@ -154,20 +170,17 @@ class LTMP(BaseReducer):
         return {"merge_threshold": self.merge_threshold.detach(), "prune_threshold": self.prune_threshold.detach()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy thresholds read from a file into the parameters, after checking both tensors as a
+        config's thresholds are checked (`_threshold_problem`): on any error nothing changes."""
         expected = {"merge_threshold", "prune_threshold"}
         if set(tensors) != expected:
             raise InvalidConfigError(
                 f"ltmp thresholds file holds tensors {sorted(tensors)}; expected exactly {sorted(expected)}"
             )
-        layers = self.info.num_layers
         for name in sorted(expected):
-            value = tensors[name]
-            if value.shape != (layers,):
-                raise InvalidConfigError(
-                    f"ltmp {name} in the file has shape {tuple(value.shape)} (a model with "
-                    f"{value.shape[0] if value.dim() == 1 else '?'} blocks), but this model has {layers} "
-                    f"blocks: allowed shape ({layers},)"
-                )
+            problem = _threshold_problem(tensors[name], self.info.num_layers)
+            if problem:
+                raise InvalidConfigError(f"ltmp {name} in the file {problem}")
         with torch.no_grad():
             for name in expected:
                 param = getattr(self, name)

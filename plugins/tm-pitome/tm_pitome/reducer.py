@@ -11,10 +11,10 @@ is ragged with a static size (`tm_pitome.merge.padded_bounds`), so nothing syncs
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar, NamedTuple, get_args
+from typing import Any, ClassVar, NamedTuple
 
 import torch
-from pydantic import Field, PlainSerializer, PlainValidator
+from pydantic import Field
 from torch import Tensor
 
 from tm_pitome.merge import (
@@ -28,6 +28,18 @@ from tm_pitome.merge import (
     removed_each,
 )
 from tmcore import BaseReducer, InvalidConfigError, Plan, ReducerConfig, TokenState
+from tmcore.config import (
+    Bool,
+    Choice,
+    Number,
+    OptionalBool,
+    PerBlock,
+    Rule,
+    check_pair,
+    field_type,
+    pair_json,
+    rule_of,
+)
 from tmcore.matching import bipartite_soft_matching
 from tmcore.state import LayerInputs
 
@@ -43,100 +55,36 @@ CLIP_BSM_LAST = 12
 """``clip_hf`` runs ``bsm`` in encoder layers ``0..12`` and ``pitome`` after: the original hard-codes
 index 12, written for LLaVA-1.5's 24-layer ViT-L/14 (a 12-layer tower runs ``bsm`` throughout)."""
 
-_VARIANT_NAMES = get_args(Variant)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# ratio ---------------------------------------------------------------------------------------
-
-_RATIO_ALLOWED = (
-    "a number with 0.5 <= ratio <= 1 (the fraction of unprotected tokens each block keeps), or a "
-    "list of such numbers, one per block; PiToMe is undefined below 0.5 (each block pairs up 2r of "
-    "its T tokens, so it can remove at most half of them)"
+Ratio = PerBlock(
+    Number(
+        ge=0.5,
+        le=1,
+        note="the fraction of unprotected tokens a block keeps; PiToMe is undefined below 0.5: each block "
+        "pairs up 2r of its T tokens, so it can remove at most half of them",
+    )
 )
 
-
-def _validate_ratio(value: Any) -> float | list[float]:
-    if _number(value) and 0.5 <= value <= 1.0:
-        return float(value)
-    if isinstance(value, list) and value and all(_number(v) and 0.5 <= v <= 1.0 for v in value):
-        return [float(v) for v in value]
-    raise ValueError(f"must be {_RATIO_ALLOWED}")
+_MARGIN_VALUE = Number(ge=-1, le=1)
+_MARGIN, _MARGINS = rule_of(_MARGIN_VALUE), rule_of(PerBlock(_MARGIN_VALUE))
+_MARGIN_NAMES = ("start", "end")
 
 
-Ratio = Annotated[float | list[float], PlainValidator(_validate_ratio)]
-
-# margin --------------------------------------------------------------------------------------
-
-_MARGIN_ALLOWED = (
-    "a number in [-1, 1] (every block), a list of such numbers (one per block), or a pair "
-    "(start, end) of such numbers for the line margin_l = start + (end - start) * l / L over "
-    "blocks l = 0..L-1 (the original's 0.75 - 0.75 * l / L is (0.75, 0.0))"
-)
+def _check_margin(value: Any) -> float | list[float] | tuple[float, float]:
+    pair = check_pair(value, _MARGIN_NAMES, (_MARGIN, _MARGIN))
+    return _MARGINS.check(value) if pair is None else pair
 
 
-def _validate_margin(value: Any) -> float | list[float] | tuple[float, float]:
-    def ok(v: Any) -> bool:
-        return _number(v) and -1.0 <= v <= 1.0
-
-    if ok(value):
-        return float(value)
-    if isinstance(value, list) and value and all(ok(v) for v in value):
-        return [float(v) for v in value]
-    if isinstance(value, dict) and set(value) == {"start", "end"}:  # the JSON form of a pair
-        value = (value["start"], value["end"])
-    if isinstance(value, tuple) and len(value) == 2 and all(ok(v) for v in value):
-        return (float(value[0]), float(value[1]))
-    raise ValueError(f"must be {_MARGIN_ALLOWED}")
-
-
-def _serialize_margin(value: Any) -> Any:
-    return {"start": value[0], "end": value[1]} if isinstance(value, tuple) else value
-
-
-Margin = Annotated[
+Margin = field_type(
+    Rule(
+        f"{_MARGINS.allowed}, or a pair (start, end) of them for the line margin_l = start + (end - start) * l / L "
+        "over blocks l = 0..L-1 (the original's 0.75 - 0.75 * l / L is (0.75, 0.0))",
+        _check_margin,
+    ),
     float | list[float] | tuple[float, float],
-    PlainValidator(_validate_margin),
-    PlainSerializer(_serialize_margin, when_used="json"),
-]
-
-# variant -------------------------------------------------------------------------------------
-
-_VARIANT_ALLOWED = (
-    f"one of {', '.join(repr(v) for v in _VARIANT_NAMES)} (every block), or a list of those names, one per block"
+    json=pair_json(_MARGIN_NAMES),
 )
 
-
-def _validate_variant(value: Any) -> str | list[str]:
-    if isinstance(value, str) and value in _VARIANT_NAMES:
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, str) and v in _VARIANT_NAMES for v in value):
-        return list(value)
-    raise ValueError(f"must be {_VARIANT_ALLOWED}")
-
-
-VariantSchedule = Annotated[str | list[str], PlainValidator(_validate_variant)]
-
-
-def _validate_alpha(value: Any) -> float:
-    if _number(value) and value > 0:
-        return float(value)
-    raise ValueError("must be a finite number > 0 (the ELU's saturation value)")
-
-
-def _validate_bool(value: Any) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    raise ValueError("must be true, false or None (the default for the model's family)")
-
-
-def _validate_prop_attn(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ValueError("must be true or false")
+VariantSchedule = PerBlock(Choice(Variant))
 
 
 class PiToMeConfig(ReducerConfig):
@@ -148,7 +96,7 @@ class PiToMeConfig(ReducerConfig):
         description="energy margin in [-1, 1]: a number, a per-block list, or (start, end) for "
         "start + (end - start) * l / L; default (0.75, 0) for vision, 0.9 - 0.25 l / L for text",
     )
-    alpha: Annotated[float, PlainValidator(_validate_alpha)] = Field(
+    alpha: Number(gt=0, note="the ELU's saturation value") = Field(
         default=1.0, description="ELU alpha of the vision energy, > 0"
     )
     variant: VariantSchedule | None = Field(
@@ -157,10 +105,10 @@ class PiToMeConfig(ReducerConfig):
         "pitome_bsm in the first ceil(L/2) blocks then pitome (MAE: the reverse; text: pitome_text; "
         "HF CLIP: bsm in blocks 0-12 then pitome)",
     )
-    prop_attn: Annotated[bool, PlainValidator(_validate_prop_attn)] = Field(
+    prop_attn: Bool = Field(
         default=False, description="proportional attention (+log(size) on attention logits), off as in the original"
     )
-    size_weighted: Annotated[bool | None, PlainValidator(_validate_bool)] = Field(
+    size_weighted: OptionalBool = Field(
         default=None,
         description="average merged features by token size (sizes carried across blocks); default on, "
         "off for text as in the original's BERT patches",

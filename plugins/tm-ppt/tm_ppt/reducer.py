@@ -15,11 +15,11 @@ sample's real tokens only; both branches are the core's padded plans (each sampl
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PlainValidator, StrictBool, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from tmcore import (
@@ -32,6 +32,7 @@ from tmcore import (
     TokenState,
     bipartite_soft_matching,
 )
+from tmcore.config import Bool, Integer, Number, PerBlock, Refused, Rule, field_type, rule_of
 from tmcore.matching import prune_lowest
 from tmcore.plan import select
 
@@ -74,52 +75,47 @@ def masked_variance(values: Tensor, valid: Tensor) -> Tensor:
     return dev.square_().sum(dim=1) / (count - 1)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+RValue = PerBlock(Integer(ge=0, note="tokens a listed block removes"), per="listed block")
+
+Threshold = Number(
+    ge=-math.inf,
+    le=math.inf,
+    note="images whose significance variance is below it pool, the others prune; inf: every image pools, "
+    "0 or -inf: every image prunes",
+)
+
+_BLOCK = rule_of(Integer(ge=0))
 
 
-def _validate_r(value: Any) -> int | list[int]:
-    if _is_int(value) and value >= 0:
-        return value
-    if isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
-        return list(value)
-    raise ValueError(
-        "must be an int >= 0 (tokens each listed block removes), or a list of such ints, one per entry of `layers`"
-    )
+def _check_layers(value: Any) -> list[int]:
+    if not isinstance(value, (list, tuple)):
+        raise Refused
+    layers = _BLOCK.each(value)
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise Refused(f"block(s) {repeated} listed more than once")
+    return layers
 
 
-def _validate_layers(value: Any) -> list[int]:
-    if isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 0 for v in value):
-        if len(set(value)) != len(value):
-            dup = sorted({v for v in value if list(value).count(v) > 1})
-            raise ValueError(f"lists block {dup} more than once; allowed: distinct 0-based block indices")
-        return list(value)
-    raise ValueError("must be a list of distinct 0-based block indices (ints >= 0), e.g. [3, 6, 9]")
-
-
-def _validate_threshold(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
-        return float(value)
-    raise ValueError(
-        "must be a number (not NaN): images whose significance variance is below it pool, the others "
-        "prune; inf: every image pools, 0 or -inf: every image prunes"
-    )
+Layers = field_type(
+    Rule(f"a list of distinct 0-based block indices, each {_BLOCK.allowed}, e.g. [3, 6, 9]", _check_layers), list[int]
+)
 
 
 class PPTConfig(ReducerConfig):
-    r: Annotated[int | list[int], PlainValidator(_validate_r)] = Field(
+    r: RValue = Field(
         default=50, description="tokens removed at each listed block: int >= 0, or one int per entry of layers"
     )
-    layers: Annotated[list[int], PlainValidator(_validate_layers)] = Field(
+    layers: Layers = Field(
         default_factory=lambda: [3, 6, 9],
         description="0-based indices of the blocks that reduce, distinct, each below the model's block count",
     )
-    threshold: Annotated[float, PlainValidator(_validate_threshold)] = Field(
+    threshold: Threshold = Field(
         default=7e-5,
         description="significance-variance threshold: below it an image pools, else it prunes; "
         "inf: always pool, 0 or -inf: always prune; not NaN",
     )
-    prop_attn: StrictBool = Field(
+    prop_attn: Bool = Field(
         default=True,
         description="proportional attention (+log(size) on attention logits) and size-weighted pooling, "
         "on as in the original; off: plain means",

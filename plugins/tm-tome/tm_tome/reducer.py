@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from tmcore import BaseReducer, BipartiteSchedule, Plan, ReducerConfig, RSchedule, TokenState, bipartite_soft_matching
+from tmcore.config import OptionalBool
 from tmcore.schedule import parse_r
 
 
@@ -16,7 +17,7 @@ class ToMeConfig(ReducerConfig):
     r: RSchedule = Field(
         description="tokens merged per block: int >= 0, a per-block list, or (r, inflect) with -1 <= inflect <= 1",
     )
-    prop_attn: bool | None = Field(
+    prop_attn: OptionalBool = Field(
         default=None,
         description="proportional attention (+log(size) on attention logits); default on, off for MAE weights",
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import ClassVar, NamedTuple
 
 import torch
-from pydantic import Field, StrictBool
+from pydantic import Field
 from torch import Tensor
 
 from tmcore import (
@@ -21,6 +21,7 @@ from tmcore import (
     TokenState,
     bipartite_soft_matching,
 )
+from tmcore.config import Bool
 from tmcore.schedule import parse_r
 
 __all__ = ["ToMeCIS", "ToMeCISConfig", "class_importance"]
@@ -43,7 +44,7 @@ class ToMeCISConfig(ReducerConfig):
     r: RSchedule = Field(
         description="tokens merged per block: int >= 0, a per-block list, or (r, inflect) with -1 <= inflect <= 1",
     )
-    prop_attn: StrictBool = Field(
+    prop_attn: Bool = Field(
         default=True, description="proportional attention (+log(size) on attention logits), on as in the original"
     )
 
