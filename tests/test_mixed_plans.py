@@ -22,6 +22,8 @@ from tmcore.plan import (
     merge_weighted,
     reduce,
     select,
+    slot_positions,
+    spread,
     unmerge,
 )
 from tmcore.testing import matching_cases, mixed_cases
@@ -185,3 +187,17 @@ def test_select_refuses_plans_of_other_shapes():
 def test_prune_lowest_rejects_r_beyond_the_unprotected_tokens():
     with pytest.raises(ValueError, match=r"outside \[0, 4\]"):
         prune_lowest(torch.rand(1, 6), 5, 2)
+
+
+@given(mixed_cases())
+def test_slot_positions_invert_spread(mc):
+    """`spread` puts every slot's value on its input positions (zeros where pruned) and
+    `slot_positions` takes one position per slot back: the round trip of dense outputs."""
+    _, _, plan = _mixed(mc)
+    y, _ = merge_weighted(mc.case.x, plan, None)
+    source = compose_source(identity_source(*mc.case.x.shape[:2]), plan)
+    full = spread(y, source)
+    assert full.shape == mc.case.x.shape
+    assert torch.equal(full, unmerge(y, plan))
+    back = full.gather(1, slot_positions(source, plan.num_out).unsqueeze(-1).expand_as(y))
+    assert torch.equal(back, y)

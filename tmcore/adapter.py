@@ -4,6 +4,7 @@ makes `tmcore.remove` exact, and the helpers an adapter's block forward is compo
 An adapter's patched block forward does, in this order (`tmcore.runtime.Runtime`)::
 
     state = runtime.enter(layer, x, block.training, valid=padding_mask_at_block_0)
+    x = runtime.compact(x, state)                  # only adapters that offer dense outputs
     bias = state.attn_bias(attention_dtype(x))     # log(size) and padding, additive, [B, 1, 1, N]
     y = attention(x, bias)                         # fused, or `explicit_attention` when
                                                    # `needs_explicit_attention(runtime, layer, state)`
@@ -17,7 +18,12 @@ q / k / v reach the reducer through ``runtime.capture`` (`capture_hook` makes th
 only in blocks whose ``runtime.layer_needs[layer]`` asks for them (an adapter that captures
 inside its attention function asks ``runtime.block_needs(layer, state)``, this forward's subset);
 the base class's `patch` adds the hook that clears the per-forward state when the model's forward
-ends.
+ends. A feature path that runs the blocks outside the model's ``forward`` and reads the tokens
+between them (timm's ``forward_intermediates``) runs inside ``runtime.dense_outputs()``: every
+block then returns full-length tokens and takes its reduced ones back with ``runtime.compact``.
+Gradient checkpointing needs nothing from the adapter: the runtime replays a recomputed block's
+state (`tmcore.runtime.Runtime`); an adapter that replaces a forward the backbone checkpoints
+itself (transformers' layers) calls the backbone's checkpoint function as the original would.
 """
 
 from __future__ import annotations
@@ -198,7 +204,7 @@ def _clear_state(runtime: Runtime, module: nn.Module, args: Any, output: Any) ->
 def attention_dtype(x: Tensor) -> torch.dtype:
     """The dtype q / k will have inside attention under autocast (a float mask must match it)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if device != "meta" and torch.is_autocast_enabled(device):  # meta has no autocast (shape-only runs)
         return torch.get_autocast_dtype(device)
     return x.dtype
 

@@ -12,6 +12,9 @@ __all__ = [
     "NotAppliedError",
     "PluginError",
     "IncompatibleVersionError",
+    "InvalidInputError",
+    "InvalidFileError",
+    "TraceError",
     "PluginLoadWarning",
     "ScheduleClampWarning",
 ]
@@ -54,6 +57,19 @@ class PluginError(TmcoreError, RuntimeError):
 
 class IncompatibleVersionError(TmcoreError, RuntimeError):
     """The installed backbone library is outside the range an adapter supports."""
+
+
+class InvalidInputError(TmcoreError, ValueError):
+    """A tensor handed to tmcore at run time does not fit (its shape, batch or length)."""
+
+
+class InvalidFileError(InvalidConfigError):
+    """A reducer file cannot be written or read: missing, unreadable, not a tmcore file, or its
+    config / learned state is invalid."""
+
+
+class TraceError(TmcoreError, RuntimeError):
+    """A `tmcore.Trace` holds no complete forward to answer from."""
 
 
 class PluginLoadWarning(UserWarning):

@@ -35,6 +35,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from tmcore.errors import InvalidInputError
+
 __all__ = [
     "Plan",
     "reduce",
@@ -47,6 +49,8 @@ __all__ = [
     "pack",
     "source_matrix",
     "identity_source",
+    "spread",
+    "slot_positions",
 ]
 
 ReduceMode = Literal["sum", "mean", "amax"]
@@ -271,11 +275,43 @@ def unmerge(y: Tensor, plan: Plan) -> Tensor:
     Every input position receives the value of the slot it went to (merged tokens get a copy of
     their group's value); pruned positions get zeros.
     """
-    dest = destinations(plan)
-    out = y.gather(1, _rows(dest.clamp(min=0), y.shape[-1]))
-    if plan.src.shape[1] == 0 and plan.keep.shape[1] == plan.num_in and plan.valid is None:
-        return out
-    return out.masked_fill(dest.unsqueeze(-1) < 0, 0)
+    pruned = not (plan.src.shape[1] == 0 and plan.keep.shape[1] == plan.num_in and plan.valid is None)
+    return spread(y, destinations(plan), pruned)
+
+
+def spread(y: Tensor, source: Tensor, pruned: bool = True) -> Tensor:
+    """Tokens back in the input layout through a source map: ``[B, M, C]`` -> ``[B, N, C]``.
+
+    Args:
+        y: ``[B, M, C]`` tokens, one per slot.
+        source: ``[B, N]`` long, the slot of every input position, ``-1`` where pruned.
+        pruned: whether ``source`` may hold ``-1`` (those positions get zeros); ``False`` skips
+            the mask.
+
+    Returns:
+        ``[B, N, C]``: every position holds its slot's value (merged tokens share one).
+    """
+    out = y.gather(1, _rows(source.clamp(min=0), y.shape[-1]))
+    return out.masked_fill(source.unsqueeze(-1) < 0, 0) if pruned else out
+
+
+def slot_positions(source: Tensor, num_slots: int) -> Tensor:
+    """One input position per slot: the inverse of `spread` (``spread(y, source).gather`` at
+    these positions gives ``y`` back on every slot that some position maps to).
+
+    Args:
+        source: ``[B, N]`` long source map (``-1`` where pruned).
+        num_slots: ``M``.
+
+    Returns:
+        ``[B, M]`` long: the last input position of each slot, 0 for slots no position maps to
+        (padding slots of a ragged batch).
+    """
+    b, n = source.shape
+    positions = torch.arange(n, device=source.device).expand(b, n)
+    slot = torch.where(source < 0, num_slots, source)  # pruned positions go to a spare column
+    last = torch.zeros(b, num_slots + 1, dtype=torch.long, device=source.device)
+    return last.scatter_reduce(1, slot, positions, reduce="amax")[:, :num_slots]
 
 
 def pack(
@@ -308,7 +344,7 @@ def pack(
     candidates = candidates.expand(b, length)
     slot = kept.cumsum(1) - 1  # [B, L] output slot of every kept candidate
     count = kept.sum(1)
-    m = num_out if num_out is not None else (int(count.max()) if b else 0)
+    m = num_out if num_out is not None else _max_count(count, length)
     # Unkept candidates are written to a spare column m, cut off below; padding stays token 0.
     keep = candidates.new_zeros(b, m + 1).scatter_(1, torch.where(kept, slot, m), candidates)[:, :m]
     valid = torch.arange(m, device=kept.device) < count.unsqueeze(1)
@@ -318,6 +354,17 @@ def pack(
     joins = (src_target >= 0) & kept.gather(1, target)
     src_dst = torch.where(joins, slot.gather(1, target), -1)
     return Plan(keep=keep, src=src, src_dst=src_dst, num_in=num_in, valid=valid)
+
+
+def _max_count(count: Tensor, length: int) -> int:
+    """The longest sample's count (a host sync); an empty batch keeps every slot (the model's
+    shape, e.g. its class token, stays as for any other batch)."""
+    if count.device.type == "meta":
+        raise InvalidInputError(
+            "this reducer decides its token counts from the values (adaptive, per sample), which "
+            "tensors on the meta device do not have; run the forward on a real device"
+        )
+    return int(count.max()) if count.numel() else length
 
 
 def identity_source(batch: int, num_tokens: int, device: torch.device | None = None) -> Tensor:

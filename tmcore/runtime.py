@@ -5,14 +5,17 @@ so imports run one way: plan, tracing -> state -> reducer -> runtime -> adapter,
 from __future__ import annotations
 
 import itertools
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tmcore.errors import PluginError, TmcoreError
-from tmcore.plan import compose_source, identity_source
+from tmcore.errors import InvalidInputError, PluginError, TmcoreError, UnsupportedModelError
+from tmcore.plan import compose_source, identity_source, slot_positions, spread
 from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
 from tmcore.state import LayerInputs, TokenState
 from tmcore.tracing import Trace
@@ -56,6 +59,17 @@ class Runtime:
     The reducer caches it (return the same tuple while its state is unchanged: the runtime checks
     a new tuple once, then trusts it by identity).
 
+    Gradient checkpointing: a checkpointed block runs again in the backward pass, after the
+    forward's state is gone. So in training mode ``enter`` keeps, for each block input tensor
+    while it is alive, the state the block started from; a block entered again with the same
+    input during a backward pass (the recomputation) replays from that state, without touching
+    the trace. Nothing is kept in eval mode.
+
+    Dense outputs (`dense_outputs`): every block's output comes back at the input length (the
+    source map spreads each slot over its positions), so feature taps between blocks (timm's
+    ``forward_intermediates``) see full maps; the next block takes its reduced tokens back
+    (`compact`) and computes exactly as without.
+
     Soft-mask mode: when the model is in training mode and the reducer defines
     ``soft_step(layer, x, inputs, state) -> x``, block 0 opens the state with ``mask`` all ones;
     adapters then run attention through `TokenState.attn_probs`, and `step` calls ``soft_step``
@@ -74,8 +88,10 @@ class Runtime:
         )
         self.live = callable(getattr(reducer, "live_needs", None))
         self._live_checked: tuple[frozenset[str], ...] | None = None
+        self._entered: dict[tuple[Any, ...], tuple[weakref.ref, TokenState]] = {}
         uid = next(_ids)
         self._state: ContextVar[TokenState | None] = ContextVar(f"tmcore_state_{uid}", default=None)
+        self._dense: ContextVar[bool] = ContextVar(f"tmcore_dense_{uid}", default=False)
         self.trace_var: ContextVar[Trace | None] = ContextVar(f"tmcore_trace_{uid}", default=None)
 
     def __reduce__(self) -> tuple[Any, ...]:  # ContextVars do not pickle or deepcopy: make new ones
@@ -103,6 +119,11 @@ class Runtime:
             valid: block 0 only: ``[B, N]`` padding mask of the input (``True`` / 1 on real
                 tokens, which must come first in every sample), ``None`` when every token is real.
         """
+        remember = training and not torch.compiler.is_compiling()
+        if remember and self._entered and _in_backward():
+            replay = self._replay(layer, x)
+            if replay is not None:
+                return replay
         state = self._state.get()
         if layer == 0 or state is None:
             trace = self.trace_var.get()
@@ -114,18 +135,64 @@ class Runtime:
                 if state.valid is not None:
                     state.mask = state.mask * state.valid
             if trace is not None:
-                trace.masks = []
+                trace.reset()
             if self.live and state.mask is None:
                 state.needs = self._live_needs()
-            if state.mask is None and (trace is not None or self.full_length):
+            if state.mask is None and (trace is not None or self.full_length or self._dense.get()):
                 state.source = identity_source(x.shape[0], x.shape[1], x.device)
             state.input_valid = state.valid
             self._state.set(state)
         if state.trace is not None:
-            if layer == 0:
-                state.trace.token_counts = []
             state.trace.token_counts.append(state.count(x))
+        if remember:
+            self._remember(layer, x, state)
         return state
+
+    def _remember(self, layer: int, x: Tensor, state: TokenState) -> None:
+        key = _entry_key(layer, x)
+        entered = self._entered
+        entered[key] = (weakref.ref(x, lambda _: entered.pop(key, None)), state.copy())
+
+    def _replay(self, layer: int, x: Tensor) -> TokenState | None:
+        """The state block ``layer`` started from when it last got ``x`` (a checkpoint's
+        recomputation in the backward pass), as this context's current state; else ``None``."""
+        entry = self._entered.get(_entry_key(layer, x))
+        if entry is None or entry[0]() is None:
+            return None
+        state = entry[1].copy()
+        if state.mask is not None and layer > 0 and not state.mask.requires_grad and torch.is_grad_enabled():
+            # the forward ran without a graph (reentrant checkpointing): the mask's gradient to the
+            # earlier blocks' learned parameters is gone
+            raise UnsupportedModelError(
+                f"reducer {self.reducer.name!r} trains through soft masks that flow from block to block "
+                "outside the blocks' inputs, which reentrant gradient checkpointing (use_reentrant=True) cuts; "
+                "use non-reentrant checkpointing: timm.layers.set_reentrant_ckpt(False), or "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
+        self._state.set(state)
+        return state
+
+    @contextmanager
+    def dense_outputs(self) -> Iterator[None]:
+        """Inside the ``with`` block, every block's output comes back at the input length (pruned
+        positions zeros): for callers that read the token stream between blocks (timm's
+        ``forward_intermediates``) and are not the model's ``forward`` (so the state is cleared
+        here). Adapters that use it call `compact` after `enter`."""
+        token = self._dense.set(True)
+        try:
+            yield
+        finally:
+            self._dense.reset(token)
+            self.clear()
+
+    def compact(self, x: Tensor, state: TokenState) -> Tensor:
+        """The block's reduced tokens: ``x`` unless the previous block spread them to the input
+        length (`dense_outputs`), then one gather takes one position per slot back."""
+        if state.expanded is None:
+            return x
+        index = slot_positions(state.source, state.expanded)
+        state.expanded = None
+        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def block_needs(self, layer: int, state: TokenState) -> frozenset[str]:
         """What block ``layer`` reads in ``state``'s forward: the reducer's ``live_needs()`` entry
@@ -180,20 +247,33 @@ class Runtime:
 
     def exit(self, layer: int, x: Tensor, state: TokenState) -> Tensor:
         """End of block ``layer``; returns the block's output. The last block completes an active
-        trace and, with ``full_length``, brings ``x`` back to the input length."""
-        if layer != self.info.num_layers - 1:
+        trace and, with ``full_length``, brings ``x`` back to the input length (every block does
+        under `dense_outputs`)."""
+        last = layer == self.info.num_layers - 1
+        if last and state.trace is not None:
+            sizes = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+            state.trace.finish(state.count(x), sizes, state.source, state.valid)
+        if state.source is None or not (self._dense.get() or (last and self.full_length)):
             return x
-        if state.trace is not None:
-            trace = state.trace
-            trace.token_counts.append(state.count(x))
-            trace.sizes = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
-            trace.source = state.source
-            trace.valid = state.valid
-        if self.full_length and state.source is not None:
-            idx = state.source.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1])
-            x = x.gather(1, idx).masked_fill(state.source.unsqueeze(-1) < 0, 0)
+        num_slots = x.shape[1]
+        x = spread(x, state.source)
+        if last:
             state.size, state.valid = None, state.input_valid
+        else:
+            state.expanded = num_slots
         return x
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass here (where checkpoints recompute blocks);
+    ``True`` where torch cannot tell."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is None or task() != -1
+
+
+def _entry_key(layer: int, x: Tensor) -> tuple[Any, ...]:
+    # the memory, not the object: reentrant checkpointing recomputes from a detached alias
+    return (layer, x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.device)
 
 
 def _checked_needs(reducer: TokenReducer, layer: int) -> frozenset[str]:
@@ -213,7 +293,7 @@ def _padding_mask(valid: Tensor, x: Tensor) -> Tensor | None:
     masks of the wrong shape and left padding (real tokens must come first: one host sync per
     forward)."""
     if valid.shape != x.shape[:2]:
-        raise TmcoreError(
+        raise InvalidInputError(
             f"padding mask of shape {tuple(valid.shape)} for tokens of shape {tuple(x.shape)}; "
             f"allowed: [batch, tokens] = {tuple(x.shape[:2])}"
         )

@@ -64,6 +64,9 @@ class TokenState:
         num_input: tokens entering the first block (schedules are defined from it).
         needs: per block, what the reducer reads in this forward (its ``live_needs()``);
             ``None``: what it declared at patch time (`tmcore.runtime.Runtime.block_needs`).
+        expanded: dense outputs only (`tmcore.runtime.Runtime.dense_outputs`): the block
+            output was brought back to the input length from this many slots, which the next
+            block takes back (`tmcore.runtime.Runtime.compact`); ``None`` otherwise.
     """
 
     __slots__ = (
@@ -78,6 +81,7 @@ class TokenState:
         "num_input",
         "trace",
         "needs",
+        "expanded",
     )
 
     def __init__(self, num_protected: int, num_input: int, prop_attn: bool, trace: Trace | None) -> None:
@@ -92,6 +96,15 @@ class TokenState:
         self.num_input = num_input
         self.trace = trace
         self.needs: tuple[frozenset[str], ...] | None = None
+        self.expanded: int | None = None
+
+    def copy(self) -> TokenState:
+        """A copy to replay a block from (gradient checkpointing): the same tensors (a step
+        replaces them, never writes into them), no captures, no trace."""
+        new = TokenState(self.num_protected, self.num_input, self.prop_attn, None)
+        for name in ("size", "valid", "input_valid", "mask", "source", "needs", "expanded"):
+            setattr(new, name, getattr(self, name))
+        return new
 
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """The additive attention bias ``[B, 1, 1, N]``: ``log(size)`` per key (proportional
@@ -119,7 +132,9 @@ class TokenState:
         for alive tokens under a soft mask."""
         if self.mask is not None:
             return self.mask.detach().sum(1).round().long()
-        return x.shape[1] if self.valid is None else self.valid.sum(1)
+        if self.valid is not None:
+            return self.valid.sum(1)
+        return x.shape[1] if self.expanded is None else self.expanded
 
 
 def class_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:

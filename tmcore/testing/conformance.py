@@ -65,6 +65,37 @@ def _skip_unsupported(reducer: str, config: dict[str, Any], model: nn.Module, na
         pytest.skip(f"{reducer} needs a class token; {name} has none (refusal checked)")
 
 
+def _unpatched_or_skip(model: nn.Module, inputs: dict[str, Tensor], what: str) -> Tensor:
+    """The unpatched model's output, or a skip where the backbone itself cannot run ``what``."""
+    try:
+        return run(model, inputs)
+    except RuntimeError as exc:
+        pytest.skip(f"the unpatched model cannot run {what} either: {exc}")
+
+
+def _enable_checkpointing(model: nn.Module) -> bool:
+    """Turn on the backbone's own gradient checkpointing (timm, Hugging Face); ``False`` if it has none."""
+    if callable(getattr(model, "set_grad_checkpointing", None)):  # timm
+        model.set_grad_checkpointing(True)
+        return True
+    if getattr(model, "supports_gradient_checkpointing", False):  # transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return True
+    return False
+
+
+def _gradients(model: nn.Module, inputs: dict[str, Tensor], seed: int = 0) -> list[Tensor | None]:
+    """One training step's gradients of the model's and the reducer's parameters (seeded, so
+    dropout draws the same masks)."""
+    reducer = tmcore.get_patch(model).reducer
+    params = [*model.parameters(), *(v for v in vars(reducer).values() if isinstance(v, nn.Parameter))]
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)
+    run(model, inputs).square().sum().backward()
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
 class ReducerConformance:
     """Subclass in a plugin's tests and set ``reducer`` (and optionally ``configs``).
 
@@ -76,7 +107,8 @@ class ReducerConformance:
     int token counts; every real input token lands in exactly one output token and sizes are
     conserved (merge-only reducers); a batch equals its samples run one by one, unpadded
     (outputs and token counts); a reducer's ``live_needs`` stay within its ``needs`` and decide
-    as they do; gradients flow in training mode. A reducer with
+    as they do; gradients flow in training mode, and equal themselves under the backbone's
+    gradient checkpointing; empty batches run; the meta device runs or refuses clearly. A reducer with
     ``requires_class_token`` is refused on models without one.
     """
 
@@ -230,6 +262,49 @@ class ReducerConformance:
             with tmcore.trace(model) as t:
                 model(**x)
         assert _most(t.token_counts[-1]) < _most(t.token_counts[0])
+
+    def test_empty_batch(self, model: nn.Module) -> None:
+        """A batch of no samples runs and gives the unreduced model's (empty) output shape."""
+        x = {k: v[:0] for k, v in registry.adapter_for(model).example_inputs(model).items()}
+        with torch.no_grad():
+            ref = _unpatched_or_skip(model, x, "an empty batch")
+            for config in self._configs():
+                tmcore.apply(model, self.reducer, replace=True, **config)
+                assert run(model, x).shape == ref.shape, config
+
+    def test_meta_device(self, model: nn.Module) -> None:
+        """On the meta device (shapes only), a reducer whose token counts do not depend on the
+        values runs; an adaptive one refuses with `tmcore.InvalidInputError`."""
+        x = {k: v.to("meta") for k, v in registry.adapter_for(model).example_inputs(model).items()}
+        model.to("meta")
+        with torch.no_grad():
+            ref = _unpatched_or_skip(model, x, "on the meta device")
+            for config in self._configs():
+                tmcore.apply(model, self.reducer, replace=True, **config)
+                try:
+                    out = run(model, x)
+                except tmcore.InvalidInputError as exc:
+                    assert "meta" in str(exc), exc
+                else:
+                    assert out.shape == ref.shape and out.device.type == "meta", config
+
+    def test_gradient_checkpointing(self, model: nn.Module) -> None:
+        """The backbone's gradient checkpointing (blocks recomputed in the backward pass) gives
+        the same gradients as the plain training step, the reducer's own parameters included,
+        and leaves an open trace as the forward wrote it."""
+        x = registry.adapter_for(model).example_inputs(model)
+        tmcore.apply(model, self.reducer, **self._configs()[0])
+        model.train()
+        plain = _gradients(model, x)
+        if not _enable_checkpointing(model):
+            pytest.skip(f"{type(model).__name__} has no gradient checkpointing")
+        with tmcore.trace(model) as t:
+            checked = _gradients(model, x)
+        assert len(t.token_counts) == len(registry.adapter_for(model).blocks(model)) + 1 and t.finished
+        for a, b in zip(plain, checked):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
 
     def test_backward(self, model: nn.Module) -> None:
         adapter = registry.adapter_for(model)

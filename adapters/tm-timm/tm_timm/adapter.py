@@ -67,6 +67,7 @@ def _block_forward(
             "changes the sequence, so caller masks are not supported (call tmcore.remove first)"
         )
     state = runtime.enter(layer, x, block.training)
+    x = runtime.compact(x, state)
     bias = state.attn_bias(attention_dtype(x))
     if needs_explicit_attention(runtime, layer, state):
         y = _attention_probs(block.attn, block.norm1(x), bias, state, runtime)
@@ -101,6 +102,14 @@ def _weighted_pool(model: nn.Module, runtime: Runtime, x: Tensor, pool_type: str
         return avg
     top = x.masked_fill(weight == 0, float("-inf")).amax(dim=1)
     return 0.5 * (top + avg)
+
+
+def _forward_intermediates(model: nn.Module, runtime: Runtime, *args: Any, **kwargs: Any) -> Any:
+    """timm's ``forward_intermediates`` (and ``get_intermediate_layers``, which calls it) with every
+    block's output spread back to the full patch grid, so the returned feature maps have the
+    unreduced shape: each patch position holds its merged group's value, pruned positions zeros."""
+    with runtime.dense_outputs():
+        return type(model).forward_intermediates(model, *args, **kwargs)
 
 
 class TimmViT(Adapter):
@@ -204,5 +213,6 @@ class TimmViT(Adapter):
             patch.add_hook(attn.qkv.register_forward_hook(capture_hook(runtime, "v", v_heads)))
 
     def patch_model(self, model: nn.Module, patch: Patch) -> None:
+        patch.set_attr(model, "forward_intermediates", partial(_forward_intermediates, model, patch.runtime))
         if model.global_pool in ("avg", "avgmax"):
             patch.set_attr(model, "pool", partial(_weighted_pool, model, patch.runtime))

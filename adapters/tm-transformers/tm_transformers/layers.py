@@ -24,8 +24,10 @@ import itertools
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from tm_transformers.attention import PREFIX
@@ -188,10 +190,28 @@ def layer_forward(
         ``[B, M, C]``: ``M < N`` after a reduction, ``N`` again at the last block with ``full_length``.
     """
     kwargs = _encoder_kwargs(args, kwargs)
+    valid = inputs.for_block0(attention_mask) if layer == 0 else None
+    if getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled():
+        # transformers checkpoints the class's forward, which this instance forward replaces: do the
+        # same here (the runtime replays the block's state when the backward pass recomputes it)
+        run = partial(_reduced_forward, layout, block, runtime, layer, valid=valid, kwargs=kwargs)
+        return block._gradient_checkpointing_func(run, hidden_states)
+    return _reduced_forward(layout, block, runtime, layer, hidden_states, valid, kwargs)
+
+
+def _reduced_forward(
+    layout: str,
+    block: nn.Module,
+    runtime: Runtime,
+    layer: int,
+    x: Tensor,
+    valid: Tensor | None,
+    kwargs: dict[str, Any],
+) -> Tensor:
+    """`layer_forward`'s work on ``x`` ``[B, N, C]`` (block 0's padding mask ``valid``), the part
+    gradient checkpointing recomputes."""
     spec = LAYOUTS[layout]
     _check_dispatch(spec.attention(block), runtime, layer)
-    x = hidden_states
-    valid = inputs.for_block0(attention_mask) if layer == 0 else None
     state = runtime.enter(layer, x, block.training, valid=valid)
     bias = state.attn_bias(attention_dtype(x))
     x = spec.attend(block, x, bias, kwargs)

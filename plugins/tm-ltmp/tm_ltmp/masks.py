@@ -113,9 +113,15 @@ def output_order(n: int, p: int, device: torch.device) -> Tensor:
     """``[N]`` long: input positions in LTMP's output order ``[protected, A \\ protected,
     B \\ protected]``. For ``p <= 1`` this is the original's ``[all A, all B]``; for larger ``p``
     (distillation, register tokens) the protected prefix stays in front."""
-    pos = torch.arange(n, device=device)
-    rest = pos[p:]
-    return torch.cat([pos[:p], rest[rest % 2 == 0], rest[rest % 2 == 1]])
+    # the even, then the odd positions after the prefix; no boolean indexing (meta-device runs)
+    first_a, first_b = min(p + p % 2, n), min(p + 1 - p % 2, n)
+    return torch.cat(
+        [
+            torch.arange(p, device=device),
+            torch.arange(first_a, n, 2, device=device),
+            torch.arange(first_b, n, 2, device=device),
+        ]
+    )
 
 
 @lru_cache(maxsize=64)

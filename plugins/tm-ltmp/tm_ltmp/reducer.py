@@ -200,6 +200,8 @@ class LTMP(BaseReducer):
     def _thresholds(self, layer: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """This block's ``(merge, prune)`` thresholds; they follow the activations to their
         device on first use (one copy, then none: no per-forward host transfer)."""
+        if device.type == "meta":  # shape-only runs: parameters cannot live there
+            return self.merge_threshold[layer].to(device), self.prune_threshold[layer].to(device)
         if self.merge_threshold.device != device:
             self.to(device)
         return self.merge_threshold[layer], self.prune_threshold[layer]
