@@ -134,3 +134,39 @@ def test_unknown_reducer_lists_installed_and_pip_name(monkeypatch):
     assert "unknown reducer 'tomecis'" in msg and "tome (tm-tome)" in msg and "pip install tm-tomecis" in msg
     with pytest.raises(UnknownReducerError, match="Did you mean 'tome'"):
         tmcore.apply(object(), "tomee", r=1)
+
+
+def test_env_names_that_match_nothing_are_reported(site, monkeypatch):
+    monkeypatch.setenv("TMCORE_PLUGINS", "tm-tome,tm-timm,tm-nosuch")
+    with pytest.warns(PluginLoadWarning, match=r"TMCORE_PLUGINS names tm-nosuch, which matches no installed"):
+        registry.reload()
+    assert {r.name for r in tmcore.reducers()} == {"tome"}
+    monkeypatch.delenv("TMCORE_PLUGINS")
+    monkeypatch.setenv("TMCORE_DISABLE_PLUGINS", "tm-tomecis,tm_typo")
+    with pytest.warns(PluginLoadWarning, match=r"TMCORE_DISABLE_PLUGINS names tm-typo"):
+        registry.reload()
+
+
+def test_a_disabled_reducer_is_told_apart_from_a_missing_one(site, monkeypatch):
+    monkeypatch.setenv("TMCORE_PLUGINS", "tm-tome,tm-timm")
+    registry.reload()
+    with pytest.raises(UnknownReducerError) as err:
+        tmcore.apply(object(), "pitome", ratio=0.9)
+    msg = str(err.value)
+    assert "tm-pitome, which is installed but not loaded: not in TMCORE_PLUGINS=tm-tome,tm-timm" in msg, msg
+    assert "pip install tm-pitome" not in msg
+    with pytest.raises(UnknownReducerError, match=r"Installed but not loaded: .*tm-ltmp \(not in TMCORE_PLUGINS"):
+        tmcore.apply(object(), "nosuch")
+    monkeypatch.delenv("TMCORE_PLUGINS")
+    monkeypatch.setenv("TMCORE_DISABLE_PLUGINS", "tm-ppt")
+    registry.reload()
+    with pytest.raises(
+        UnknownReducerError, match=r"installed but not loaded: disabled by TMCORE_DISABLE_PLUGINS=tm-ppt"
+    ):
+        tmcore.apply(object(), "ppt")
+
+
+@pytest.mark.parametrize("name", [None, 3, ["tome"], b"tome"])
+def test_a_reducer_name_that_is_not_a_string(name):
+    with pytest.raises(UnknownReducerError, match=r"allowed: a registered reducer name, a string: .*tome \(tm-tome\)"):
+        tmcore.apply(object(), name)

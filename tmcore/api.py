@@ -14,8 +14,10 @@ from tmcore.adapter import Patch
 from tmcore.errors import (
     AlreadyAppliedError,
     InvalidConfigError,
+    InvalidFileError,
     NoAdapterError,
     NotAppliedError,
+    TmcoreError,
     UnsupportedModelError,
 )
 from tmcore.reducer import validate_config
@@ -107,14 +109,19 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
 
 
 def _install(model: nn.Module, patch: Patch) -> None:
-    """Replace any reducer on ``model`` with ``patch``'s (all or nothing)."""
-    if get_patch(model) is not None:
+    """Replace any reducer on ``model`` with ``patch``'s, all or nothing: if the adapter fails,
+    the model is left exactly as it was, its previous reducer included."""
+    previous = get_patch(model)
+    if previous is not None:
         remove(model)
     try:
         patch.adapter.patch(model, patch)
         patch.set_attr(model, _ATTR, patch)
     except BaseException:
         patch.undo()
+        if previous is not None:  # the same adapter patched it before: it does again
+            previous.adapter.patch(model, previous)
+            previous.set_attr(model, _ATTR, previous)
         raise
 
 
@@ -145,7 +152,12 @@ def trace(model: nn.Module) -> Iterator[Trace]:
 
 
 def save(model: nn.Module, path: str | Path) -> None:
-    """Write the model's reducer name, config and learned state (if any) as safetensors."""
+    """Write the model's reducer name, config and learned state (if any) as safetensors.
+
+    Raises:
+        NotAppliedError: the model carries no reducer.
+        InvalidFileError: ``path`` cannot be written (its folder is missing, it is a folder, ...).
+    """
     from safetensors.torch import save_file
 
     patch = _require_patch(model, "tmcore.save")
@@ -158,23 +170,37 @@ def save(model: nn.Module, path: str | Path) -> None:
         "full_length": json.dumps(patch.runtime.full_length),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in red.state_tensors().items()}
-    save_file(tensors, str(path), metadata=metadata)
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise InvalidFileError(f"cannot save to {path}: the folder {target.parent} does not exist")
+    if target.is_dir():
+        raise InvalidFileError(
+            f"cannot save to {path}: it is a folder; give a file name, e.g. {target / 'reducer.safetensors'}"
+        )
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError as exc:
+        raise InvalidFileError(f"cannot save to {path}: {exc.strerror or exc}") from None
 
 
 def load(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply the reducer saved by `save` to ``model`` (replacing any), with its learned state.
 
     Raises:
-        InvalidConfigError: not a tmcore file, or its config / learned state does not fit this
-            model (the model is then left as it was).
+        InvalidFileError: the file is missing, unreadable or not a tmcore reducer file, or its config
+            or learned state is invalid. Errors about this model (no adapter, another number of
+            blocks, ...) keep their class and name the file. The model is then left as it was.
     """
-    metadata, tensors = _open_saved(path, tensors=True)
-    name, config = metadata["reducer"], json.loads(metadata["config"])
-    full_length = json.loads(metadata.get("full_length", "false"))  # files from before full_length: off
+    name, config, tensors, full_length = _read(path, tensors=True)
     # Build and load the learned state first: a file for another model (e.g. another number of
     # blocks) raises before the model is touched.
-    patch = _build(model, name, config, replace=True, full_length=full_length)
-    patch.reducer.load_state_tensors(tensors)
+    try:
+        patch = _build(model, name, config, replace=True, full_length=full_length)
+        patch.reducer.load_state_tensors(tensors)
+    except InvalidConfigError as exc:
+        raise InvalidFileError(f"{path}: {exc}") from None
+    except TmcoreError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
     _install(model, patch)
     return model
 
@@ -184,24 +210,49 @@ def read_saved(path: str | Path, tensors: bool = True) -> tuple[str, dict[str, A
     ``tensors=False`` the tensors are not read (``{}``).
 
     Raises:
-        InvalidConfigError: not a tmcore reducer file.
+        InvalidFileError: missing, unreadable, or not a tmcore reducer file.
     """
-    metadata, state = _open_saved(path, tensors)
-    return metadata["reducer"], json.loads(metadata["config"]), state
+    name, config, state, _ = _read(path, tensors)
+    return name, config, state
 
 
-def _open_saved(path: str | Path, tensors: bool) -> tuple[dict[str, str], dict[str, Any]]:
-    """The metadata and (unless ``tensors=False``) the tensors of a tmcore reducer file."""
-    from safetensors import safe_open
+def _read(path: str | Path, tensors: bool) -> tuple[str, dict[str, Any], dict[str, Any], bool]:
+    """``(reducer name, config, tensors, full_length)`` of a tmcore reducer file, checked."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise InvalidFileError(f"cannot load {path}: it {what}; expected a file written by tmcore.save")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:  # truncated, corrupt, not safetensors
+        raise InvalidFileError(
+            f"cannot load {path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
+            "expected a file written by tmcore.save"
+        ) from None
     if metadata.get("format") != _FORMAT:
-        raise InvalidConfigError(
+        raise InvalidFileError(
             f"{path}: not a tmcore reducer file (format {metadata.get('format')!r}, expected {_FORMAT!r})"
         )
-    return metadata, state
+    name = metadata.get("reducer")
+    if not name:
+        raise InvalidFileError(f"{path}: the metadata names no reducer (no 'reducer' entry)")
+    config = _json_entry(path, metadata, "config", "{}", dict, "a JSON object of config values")
+    full_length = _json_entry(path, metadata, "full_length", "false", bool, "true or false")  # older files: off
+    return name, config, state, full_length
+
+
+def _json_entry(path: str | Path, metadata: dict[str, str], key: str, default: str, kind: type, allowed: str) -> Any:
+    try:
+        value = json.loads(metadata.get(key, default))
+    except (ValueError, RecursionError):
+        value = None  # not JSON: refused below like any value of the wrong kind
+    if not isinstance(value, kind) or (kind is dict and not all(isinstance(k, str) for k in value)):
+        shown = metadata.get(key, default)
+        raise InvalidFileError(f"{path}: metadata {key}={shown[:200]!r}; allowed: {allowed}")
+    return value
 
 
 def reducers() -> list[Registration]:

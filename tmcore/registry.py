@@ -7,7 +7,9 @@ import (or whose hook raises) is skipped with a `PluginLoadWarning`; a duplicate
 invalid registration is a `PluginError` naming both distributions.
 
 Environment: ``TMCORE_PLUGINS=a,b`` loads only those distributions; ``TMCORE_DISABLE_PLUGINS=c``
-skips those.
+skips those. A name in either that matches no installed plugin distribution is a
+`PluginLoadWarning`; distributions skipped this way are in `Registry.skipped` (with the
+variable that skipped them), so an unknown reducer says "disabled" rather than "pip install".
 """
 
 from __future__ import annotations
@@ -84,13 +86,15 @@ class Registry:
         self.reducers: dict[str, Registration] = {}
         self.adapters: dict[str, Registration] = {}
         self.plugins: dict[str, PluginInfo] = {}
+        self.skipped: dict[str, str] = {}
+        """Installed plugin distributions not loaded, with why (``TMCORE_PLUGINS=...``)."""
         self.manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
 
     # -- loading -----------------------------------------------------------------------------
     def reload(self) -> None:
         with self._lock:
             self._loaded = False
-            self.reducers, self.adapters, self.plugins = {}, {}, {}
+            self.reducers, self.adapters, self.plugins, self.skipped = {}, {}, {}, {}
             self.manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
             self.ensure_loaded()
 
@@ -112,9 +116,21 @@ class Registry:
                 if (dist, ep.name) in seen:  # the same distribution found twice on sys.path
                     continue
                 seen.add((dist, ep.name))
-                if (only is not None and dist not in only) or dist in disabled:
-                    continue
-                self._load_one(ep, dist, version)
+                if only is not None and dist not in only:
+                    self.skipped[dist] = f"not in TMCORE_PLUGINS={os.environ['TMCORE_PLUGINS']}"
+                elif dist in disabled:
+                    self.skipped[dist] = f"disabled by TMCORE_DISABLE_PLUGINS={os.environ['TMCORE_DISABLE_PLUGINS']}"
+                else:
+                    self._load_one(ep, dist, version)
+            found = {d for d, _ in seen}
+            for var, names in (("TMCORE_PLUGINS", only or set()), ("TMCORE_DISABLE_PLUGINS", disabled)):
+                if names - found:
+                    warnings.warn(
+                        f"{var} names {', '.join(sorted(names - found))}, which matches no installed tmcore "
+                        f"plugin distribution; installed: {', '.join(sorted(found)) or 'none'}",
+                        PluginLoadWarning,
+                        stacklevel=3,
+                    )
             self._loaded = True
 
     def _load_one(self, ep: metadata.EntryPoint, dist: str, version: str) -> None:
@@ -160,11 +176,18 @@ class Registry:
     # -- lookup ------------------------------------------------------------------------------
     def get_reducer(self, name: str) -> Registration:
         self.ensure_loaded()
+        installed = ", ".join(f"{r.name} ({r.distribution})" for r in self.reducers.values()) or "none"
+        if not isinstance(name, str):
+            raise UnknownReducerError(
+                f"reducer={name!r} ({type(name).__name__}); allowed: a registered reducer name, a string: {installed}"
+            )
         if name in self.reducers:
             return self.reducers[name]
-        installed = ", ".join(f"{r.name} ({r.distribution})" for r in self.reducers.values()) or "none"
         msg = f"unknown reducer {name!r}. Installed reducers: {installed}."
-        if name in KNOWN_REDUCERS:
+        if KNOWN_REDUCERS.get(name) in self.skipped:
+            dist = KNOWN_REDUCERS[name]
+            msg += f" {name!r} is provided by {dist}, which is installed but not loaded: {self.skipped[dist]}"
+        elif name in KNOWN_REDUCERS:
             msg += (
                 f" {name!r} is provided by the distribution {KNOWN_REDUCERS[name]}: pip install {KNOWN_REDUCERS[name]}"
             )
@@ -175,6 +198,8 @@ class Registry:
             missing = {k: v for k, v in KNOWN_REDUCERS.items() if k not in self.reducers}
             if missing:
                 msg += " Others: " + ", ".join(f"{k} (pip install {v})" for k, v in missing.items())
+            if self.skipped:
+                msg += " Installed but not loaded: " + "; ".join(f"{d} ({why})" for d, why in self.skipped.items())
         raise UnknownReducerError(msg)
 
     def adapter_for(self, model: Any) -> Any:
