@@ -52,10 +52,10 @@ def test_every_command_has_help(command, capsys):
         ),
         (["eval", "--reducer", "tome:r"], "'r' is not KEY=VALUE"),
         (["eval", "--reducer", "nosuch:r=1"], "unknown reducer 'nosuch'"),
-        (["visualize", "/no/such/image.png"], "IMAGE '/no/such/image.png': no such file"),
-        (["visualize", "README.md", "--reducer", "tome:r"], "'r' is not KEY=VALUE"),
-        (["visualize", "README.md", "--reducer", "tome:r=(1"], "r='(1': must be an int"),
-        (["visualize", "README.md", "--model", "timm:nope"], "timm has no model 'nope'"),
+        (["visualize", "/no/such/image.png"], "argument IMAGE: '/no/such/image.png': no such file"),
+        (["visualize", "docs/bench.png", "--reducer", "tome:r"], "'r' is not KEY=VALUE"),
+        (["visualize", "docs/bench.png", "--reducer", "tome:r=(1"], "r='(1': must be an int"),
+        (["visualize", "docs/bench.png", "--model", "timm:nope"], "timm has no model 'nope'"),
     ],
 )
 def test_bad_arguments_fail_with_a_clear_message(argv, message, capsys, monkeypatch):

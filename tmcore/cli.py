@@ -5,20 +5,235 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
+import pickle
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tmcore.errors import TmcoreError
 
 __all__ = ["main", "parse_reducer_spec", "load_model"]
 
 DEFAULT_MODEL = "fmnist-vit"
+_IMAGE_FOLDER = "an ImageFolder, DIR/<class>/<image>"
 
 
 class CliError(TmcoreError):
     """A bad command-line argument."""
+
+
+class _UsageError(CliError):
+    """argparse rejected the command line; ``prog`` is the (sub)command, e.g. ``tmcore bench``."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line for `main` to print, without the usage text
+    and without exiting (``--help`` still prints and exits as usual). Subparsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self.prog, message)
+
+
+# -- argument types: a bad value fails while parsing, before any model is loaded or timed --------
+def _int_at_least(minimum: int, note: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``; ``note`` says what a special value means."""
+    allowed = f"allowed: an integer >= {minimum}{f' ({note})' if note else ''}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {allowed}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; {allowed}")
+        return value
+
+    return parse
+
+
+def _accelerators() -> dict[str, int]:
+    """Device type -> number of devices of the accelerators usable in this process."""
+    import torch
+
+    found: dict[str, int] = {}
+    for kind in ("cuda", "xpu"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            found[kind] = backend.device_count()
+    if torch.backends.mps.is_available():
+        found["mps"] = 1
+    return found
+
+
+def _device_problem(text: str, accelerators: dict[str, int]) -> str | None:
+    """Why ``text`` is no device to run a model on here, or None when it is one."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        return "not a torch device"
+    if device.type == "cpu":
+        return None
+    if device.type == "meta":
+        return "meta tensors hold no data, so nothing can be run or timed on them"
+    count = accelerators.get(device.type, 0)
+    if count == 0:
+        return f"no {device.type} device is available here"
+    if device.index is not None and device.index >= count:
+        return f"there {'is 1 device' if count == 1 else f'are {count} devices'} of type {device.type} here"
+    return None
+
+
+def _device(text: str) -> str:
+    """An argparse type: a torch device that exists here, so ``cuda`` on a CPU-only machine or
+    ``cuda:7`` on a 1-GPU one fails at once instead of after the model is built."""
+    if text == "cpu":  # the default: no torch import while parsing
+        return text
+    accelerators = _accelerators()
+    problem = _device_problem(text, accelerators)
+    if problem is None:
+        return text
+    allowed = ["cpu"] + [f"{k}, {k}:0" + (f" to {k}:{n - 1}" if n > 1 else "") for k, n in accelerators.items()]
+    raise argparse.ArgumentTypeError(f"{text!r}: {problem}; allowed: {', '.join(allowed)}")
+
+
+def _input_file(text: str) -> str:
+    """An argparse type: an existing file (not a folder)."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; allowed: a file")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    return text
+
+
+def _sentences_file(text: str) -> str:
+    """An argparse type: a UTF-8 text file with at least one sentence, one per line."""
+    _input_file(text)
+    allowed = "allowed: UTF-8 text, one sentence per line"
+    try:
+        content = Path(text).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not UTF-8 (byte {exc.start}); {allowed}") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot read it ({exc.strerror or exc}); {allowed}") from None
+    if not content.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} holds no sentences; {allowed}")
+    return text
+
+
+def _output_file(text: str) -> str:
+    """An argparse type: a file that can be written, checked now so that a long benchmark does not
+    end in an error (``os.path`` tests: they never raise, e.g. on a folder that cannot be read)."""
+    folder = os.path.dirname(text) or "."
+    if os.path.isdir(text):
+        problem = f"{text!r} is a directory"
+    elif not os.path.exists(folder):
+        problem = f"{text!r}: directory {folder!r} does not exist"
+    elif not os.path.isdir(folder):
+        problem = f"{text!r}: {folder!r} is not a directory"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"{text!r}: directory {folder!r} is not writable"
+    elif os.path.exists(text) and not os.access(text, os.W_OK):
+        problem = f"{text!r} exists and is not writable"
+    else:
+        return text
+    raise argparse.ArgumentTypeError(f"{problem}; allowed: a file in an existing, writable directory")
+
+
+def _extension_error(text: str, allowed: str) -> argparse.ArgumentTypeError:
+    """The writer picks the format by the file's extension: refuse one it cannot write."""
+    suffix = os.path.splitext(text)[1]
+    found = f"extension {suffix!r}" if suffix else "no extension"
+    return argparse.ArgumentTypeError(f"{text!r} has {found}; allowed: {allowed}")
+
+
+def _plot_file(text: str) -> str:
+    """An argparse type: a writable file in a format matplotlib writes (without an extension it
+    would add ``.png``, and the path printed would not be the file written)."""
+    _output_file(text)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise argparse.ArgumentTypeError("needs matplotlib: pip install 'tmcore[cli]'") from None
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if os.path.splitext(text)[1].lower().lstrip(".") not in formats:
+        raise _extension_error(text, f"a file ending in {', '.join('.' + f for f in formats)}")
+    return text
+
+
+def _image_file(text: str) -> str:
+    """An argparse type: a writable file in an image format PIL writes."""
+    from PIL import Image
+
+    _output_file(text)
+    if Image.registered_extensions().get(os.path.splitext(text)[1].lower()) not in Image.SAVE:
+        raise _extension_error(text, "an image file PIL writes, e.g. .png, .jpg, .webp, .tif")
+    return text
+
+
+def _image_folder(text: str) -> str:
+    """An argparse type: an ImageFolder root (``DIR/<class>/<image>``) with images in every class
+    folder, each identifiable by PIL (its header is read: a file damaged further in is reported
+    by `tmcore.evaluate.image_folder` when it is read)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory; allowed: {_IMAGE_FOLDER}")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise argparse.ArgumentTypeError("needs Pillow and torchvision: pip install 'tmcore[cli]'") from None
+    for path in _image_paths(text):
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+            reason = "PIL cannot identify its format" if isinstance(exc, Image.UnidentifiedImageError) else exc
+            raise argparse.ArgumentTypeError(f"{path!r} is not a readable image ({reason})") from None
+    return text
+
+
+def _image_paths(root: str) -> list[str]:
+    """The images torchvision's ``ImageFolder`` would read under ``root``; an error, as it would
+    give, when there is no class folder or a class folder has no image."""
+    try:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    except ImportError:
+        raise argparse.ArgumentTypeError("needs torchvision: pip install 'tmcore[cli]'") from None
+    try:
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{root!r} has no class folders; allowed: {_IMAGE_FOLDER}") from None
+    samples = make_dataset(root, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
+        shown = ", ".join(map(repr, empty[:3])) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise argparse.ArgumentTypeError(
+            f"{root!r}: no images in class folder{'s' if len(empty) > 1 else ''} {shown}; "
+            f"allowed: {_IMAGE_FOLDER}, images ending in {', '.join(IMG_EXTENSIONS)}"
+        )
+    return [path for path, _ in samples]
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, cut at ``limit`` characters (a state-dict mismatch lists every key)."""
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def _writing(option: str, path: str) -> Iterator[None]:
+    """An error writing an output checked up front (disk full, folder removed since) as one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise CliError(f"{option} {path!r}: could not write it ({exc.strerror or exc})") from None
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -73,10 +288,7 @@ def _settings(specs: Sequence[str] | None, files: Sequence[str] = ()) -> list[An
     from tmcore.reducer import validate_config
     from tmcore.registry import registry
 
-    for path in files:
-        if not Path(path).is_file():
-            raise CliError(f"--load {path!r}: no such file (expected a reducer file written by tmcore.save)")
-    loaded = [Setting.from_file(path) for path in files]
+    loaded = [_load_setting(path) for path in files]
     if specs:
         settings = [Setting(name, cfg) for spec in specs for name, cfg in parse_reducer_spec(spec)]
     elif loaded:
@@ -89,11 +301,19 @@ def _settings(specs: Sequence[str] | None, files: Sequence[str] = ()) -> list[An
     return settings
 
 
+def _load_setting(path: str) -> Any:
+    """The `Setting` saved in ``path`` (``--load``), a bad file named with the option."""
+    from tmcore.bench import Setting
+
+    try:
+        return Setting.from_file(path)
+    except TmcoreError as exc:  # tmcore.api's InvalidFileError names the file and what is wrong
+        raise CliError(f"--load: {exc}") from None
+
+
 def load_model(spec: str, pretrained: bool = False, checkpoint: str | None = None) -> Any:
     """A bundled model name, ``timm:NAME`` (``--checkpoint`` for local weights), or a local
     transformers directory."""
-    import torch
-
     from tmcore import models
 
     if spec in models.available():
@@ -106,10 +326,7 @@ def load_model(spec: str, pretrained: bool = False, checkpoint: str | None = Non
             raise CliError("--model timm:...: timm is not installed (pip install 'tmcore[timm]')") from exc
         if not timm.is_model(name):
             raise CliError(f"--model {spec!r}: timm has no model {name!r} (see timm.list_models())")
-        kwargs = {"pretrained_cfg_overlay": {"file": checkpoint}} if checkpoint else {}
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # random-init weights: the same model in every run
-            return timm.create_model(name, pretrained=pretrained or bool(checkpoint), **kwargs).eval()
+        return _create_timm(timm, name, pretrained, checkpoint)
     path = Path(name if sep and kind == "hf" else spec)
     if path.is_dir() and (path / "config.json").exists():
         return _load_hf(path)
@@ -121,6 +338,31 @@ def load_model(spec: str, pretrained: bool = False, checkpoint: str | None = Non
     )
 
 
+def _create_timm(timm: Any, name: str, pretrained: bool, checkpoint: str | None) -> Any:
+    """``timm.create_model``, with weights from ``--checkpoint`` or the hub (``--pretrained``);
+    a failure to load those weights is one line naming the option."""
+    import torch
+    from safetensors import SafetensorError
+
+    kwargs = {"pretrained_cfg_overlay": {"file": checkpoint}} if checkpoint else {}
+    # what loading weights can raise: unreadable or no checkpoint (torch.load's unpickler gives
+    # KeyError / EOFError on text), another model's state dict (RuntimeError), no network (OSError)
+    weights_errors = (OSError, EOFError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # random-init weights: the same model in every run
+            return timm.create_model(name, pretrained=pretrained or bool(checkpoint), **kwargs).eval()
+    except weights_errors as exc:
+        if checkpoint:
+            raise CliError(
+                f"--checkpoint {checkpoint!r}: timm could not load it into {name} ({_one_line(exc)}); "
+                "allowed: this model's weights as .safetensors, .pth or .bin"
+            ) from None
+        if pretrained:
+            raise CliError(f"--pretrained: timm could not get the weights of {name} ({_one_line(exc)})") from None
+        raise
+
+
 def _load_hf(path: Path) -> Any:
     """The model class named by the directory's config (``architectures``: the task head it was
     saved with), else the bare ``AutoModel``; local files only."""
@@ -128,11 +370,14 @@ def _load_hf(path: Path) -> Any:
         import transformers
     except ImportError as exc:
         raise CliError(f"--model {path}: a transformers directory needs transformers installed") from exc
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    cls = cls or transformers.AutoModel
-    return cls.from_pretrained(str(path), local_files_only=True).eval()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        cls = cls or transformers.AutoModel
+        return cls.from_pretrained(str(path), local_files_only=True).eval()
+    except (OSError, ValueError) as exc:  # a broken config.json or weights file
+        raise CliError(f"--model {str(path)!r}: transformers could not load it ({_one_line(exc)})") from None
 
 
 def _read_texts(path: str | None) -> list[str]:
@@ -142,9 +387,7 @@ def _read_texts(path: str | None) -> list[str]:
 
         text = resources.files("tmcore.models").joinpath("sentences.txt").read_text(encoding="utf-8")
     else:
-        if not Path(path).is_file():
-            raise CliError(f"--texts {path!r}: no such file (expected sentences, one per line)")
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")  # checked by `_sentences_file` while parsing
     texts = [line.strip() for line in text.splitlines() if line.strip()]
     if not texts:
         raise CliError(f"--texts {path!r}: no sentences in the file")
@@ -327,11 +570,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"share of forward time in tmcore's score/match/reduce, {s.label}: {100 * share:.1f}%")
         tmcore.remove(model)
     if args.json:
-        Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=2, default=list))
+        with _writing("--json", args.json):
+            Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=2, default=list))
     if args.csv:
-        write_csv(rows, args.csv)
+        with _writing("--csv", args.csv):
+            write_csv(rows, args.csv)
     if args.plot:
-        plot(rows, args.plot, title)
+        with _writing("--plot", args.plot):
+            plot(rows, args.plot, title)
         print(f"plot written to {args.plot}")
     return 0
 
@@ -375,7 +621,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.json:
             reducer = [setting.reducer, setting.config] if setting else None
             summary = {**result, "model": args.model, "reducer": reducer, "world_size": world}
-            Path(args.json).write_text(json.dumps(summary))
+            with _writing("--json", args.json):
+                Path(args.json).write_text(json.dumps(summary))
     if world > 1:
         import torch.distributed as dist
 
@@ -426,7 +673,8 @@ def _eval_text(args: argparse.Namespace, model: Any, setting: Any, device: str) 
             "tokens_in": tokens_in,
             "tokens_out": tokens_out,
         }
-        Path(args.json).write_text(json.dumps(summary))
+        with _writing("--json", args.json):
+            Path(args.json).write_text(json.dumps(summary))
     return 0
 
 
@@ -441,25 +689,33 @@ def _has_head(model: Any, data: Any) -> bool:
     return not isinstance(out, dict) or "logits" in out
 
 
-def _cmd_visualize(args: argparse.Namespace) -> int:
-    import torch
-
-    import tmcore
-    from tmcore.evaluate import image_transform
-    from tmcore.visualize import group_map, render_groups
-
-    path = Path(args.image)
-    if not path.is_file():
-        raise CliError(f"IMAGE {args.image!r}: no such file")
-    setting = _one_setting(args.reducer)
-    model = load_model(args.model, args.pretrained, args.checkpoint).to(args.device)
-    from PIL import Image, UnidentifiedImageError
+def _read_image(path: str) -> Any:
+    """``IMAGE``, decoded before the model is loaded, so a file PIL cannot read fails at once."""
+    from PIL import Image
 
     try:
         image = Image.open(path)
         image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CliError(f"IMAGE {args.image!r}: not a readable image ({exc})") from None
+    except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise CliError(f"IMAGE {path!r}: not a readable image ({exc})") from None
+    return image
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    import torch
+
+    import tmcore
+    from tmcore import models
+    from tmcore.evaluate import image_transform
+    from tmcore.visualize import group_map, render_groups
+
+    if not (args.model in models.available() or args.model.startswith("timm:")):
+        raise CliError(
+            f"--model {args.model!r}: visualize draws the patch grid of a timm ViT; allowed: a bundled model, timm:NAME"
+        )
+    image = _read_image(args.image)
+    setting = _one_setting(args.reducer)
+    model = load_model(args.model, args.pretrained, args.checkpoint).to(args.device)
     setting.apply(model)
     transform = image_transform(model)
     x = transform(image).unsqueeze(0).to(args.device)
@@ -469,7 +725,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     groups = group_map(t.source[0].cpu(), p, model.patch_embed.grid_size)
     scale = args.scale or max(1, 448 // max(model.patch_embed.grid_size))
     pixels = transform.crop(image.convert("RGB")) if args.style == "mean" else None
-    render_groups(groups, scale, pixels).save(args.out)
+    with _writing("--out", args.out):
+        render_groups(groups, scale, pixels).save(args.out)
     n_groups = int(groups.max()) + 1
     tokens_out = int(torch.as_tensor(t.token_counts[-1]).max())  # one image: ragged counts are [1]
     print(f"{args.out}: {n_groups} groups over {groups.numel()} patches ({tokens_out} tokens out incl. {p} protected)")
@@ -483,17 +740,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="bundled model name, timm:NAME, or hf:PATH, a local transformers directory (default: %(default)s)",
     )
     p.add_argument("--pretrained", action="store_true", help="timm: download pretrained weights (needs the hub)")
-    p.add_argument("--checkpoint", metavar="PATH", help="timm: load weights from a local file")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", metavar="PATH", type=_input_file, help="timm: load weights from a local file")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:N, mps, ... (default: %(default)s)")
     p.add_argument(
         "--texts",
         metavar="FILE",
+        type=_sentences_file,
         help="text models: sentences, one per line (default: a bundled sample of 64 sentences)",
     )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tmcore", description="Token reduction for transformers.")
+    parser = _Parser(prog="tmcore", description="Token reduction for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="installed plugin distributions, what each registers, load errors")
@@ -512,13 +770,16 @@ def _parser() -> argparse.ArgumentParser:
         "--load",
         action="append",
         metavar="FILE",
+        type=_input_file,
         help="a reducer file written by tmcore.save (config + learned state, e.g. LTMP thresholds); repeatable",
     )
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--batch-size", type=_int_at_least(1), default=32)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    b.add_argument("--rounds", type=int, default=10, help="timed interleaved rounds (median)")
-    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument(
+        "--threads", type=_int_at_least(0, "0: torch's default"), default=0, help="torch CPU threads (default: torch's)"
+    )
+    b.add_argument("--rounds", type=_int_at_least(1), default=10, help="timed interleaved rounds (median)")
+    b.add_argument("--warmup", type=_int_at_least(0), default=2, help="untimed rounds first (default: %(default)s)")
     b.add_argument(
         "--one-at-a-time",
         action="store_true",
@@ -526,9 +787,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--show-counts", action="store_true", help="print tokens per block for each setting")
     b.add_argument("--reduction-share", action="store_true", help="time share of the score/match/reduce step")
-    b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    b.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
-    b.add_argument("--plot", metavar="PNG", help="accuracy (or agreement) against throughput")
+    b.add_argument("--json", metavar="PATH", type=_output_file, help="write the rows as JSON")
+    b.add_argument("--csv", metavar="PATH", type=_output_file, help="write the rows as CSV")
+    b.add_argument(
+        "--plot",
+        metavar="PNG",
+        type=_plot_file,
+        help="accuracy (or agreement) against throughput (.png, .pdf, .svg...)",
+    )
     b.set_defaults(func=_cmd_bench)
 
     e = sub.add_parser(
@@ -537,19 +803,31 @@ def _parser() -> argparse.ArgumentParser:
         "cosine and agreement with the unreduced model on --texts",
     )
     _add_model_args(e)
-    e.add_argument("--data", metavar="DIR", help="ImageFolder root (DIR/<class>/<image>); default: bundled images")
+    e.add_argument(
+        "--data",
+        metavar="DIR",
+        type=_image_folder,
+        help="ImageFolder root (DIR/<class>/<image>); default: bundled images",
+    )
     e.add_argument("--reducer", metavar="SPEC", help="apply one reducer setting, e.g. tome:r=13")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    e.add_argument("--json", metavar="PATH", help="write the result as JSON (rank 0)")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    e.add_argument(
+        "--workers", type=_int_at_least(0, "0: load in the main process"), default=0, help="DataLoader workers"
+    )
+    e.add_argument("--json", metavar="PATH", type=_output_file, help="write the result as JSON (rank 0)")
     e.set_defaults(func=_cmd_eval)
 
     v = sub.add_parser("visualize", help="PNG of the merged groups over the input: one colour per output token")
-    v.add_argument("image", metavar="IMAGE")
+    v.add_argument("image", metavar="IMAGE", type=_input_file)
     _add_model_args(v)
     v.add_argument("--reducer", default="tome:r=13", metavar="SPEC", help="one setting (default: %(default)s)")
-    v.add_argument("--out", default="groups.png", help="output PNG (default: %(default)s)")
-    v.add_argument("--scale", type=int, default=0, help="pixels per patch (default: about 448 px wide)")
+    v.add_argument("--out", default="groups.png", type=_image_file, help="output PNG (default: %(default)s)")
+    v.add_argument(
+        "--scale",
+        type=_int_at_least(0, "0: about 448 px wide"),
+        default=0,
+        help="pixels per patch (default: about 448 px wide)",
+    )
     v.add_argument(
         "--style",
         default="flat",
@@ -561,13 +839,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, checked; unknown arguments are reported for the subcommand they follow
+    (argparse reports them for the bare ``tmcore``)."""
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:
+        raise _UsageError(f"tmcore {args.command}", f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _fail(prog: str, exc: Exception) -> int:
+    """One line on stderr, however the message was written, and the usage-error status."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except _UsageError as exc:
+        return _fail(exc.prog, exc)
     try:
         return args.func(args)
     except TmcoreError as exc:
-        print(f"tmcore {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"tmcore {args.command}", exc)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,17 @@ def image_folder(root: str | Path, model: nn.Module) -> Dataset:
 
     if not Path(root).is_dir():
         raise TmcoreError(f"--data {str(root)!r}: not a directory (expected an ImageFolder: DIR/<class>/<image>)")
-    return ImageFolder(str(root), transform=image_transform(model))
+    return ImageFolder(str(root), transform=image_transform(model), loader=_read_image)
+
+
+def _read_image(path: str) -> Any:
+    """torchvision's image loader, with a file PIL cannot decode named in one clear error."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file
+        raise TmcoreError(f"--data: {path!r} is not a readable image ({exc})") from None
 
 
 def bundled_dataset(model: nn.Module, name: str = "fmnist-vit") -> Dataset:
