@@ -5,3 +5,5 @@ from hypothesis import settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 settings.register_profile("tmcore", deadline=None, max_examples=100)
 settings.load_profile("tmcore")
+
+pytest_plugins = ["pytester"]  # tests/test_testing_kit.py runs the conformance suite on broken reducers

@@ -77,6 +77,20 @@ def test_plugins_json(capsys):
     assert main(["plugins", "--json"]) == 0
     rows = {p["distribution"]: p for p in json.loads(capsys.readouterr().out)}
     assert rows["tm-tome"]["reducers"] == ["tome"] and rows["tm-timm"]["adapters"] == ["timm"]
+    assert rows["tm-tome"]["version"] == "0.1.0" and rows["tm-tome"]["loaded"] and rows["tm-tome"]["error"] is None
+
+
+def test_plugins_lists_distributions_left_out_by_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("TMCORE_DISABLE_PLUGINS", "tm-ppt")
+    registry.reload()
+    try:
+        assert main(["plugins"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "tm-ppt" in out and "not loaded: disabled by TMCORE_DISABLE_PLUGINS=tm-ppt" in out
+        assert "tm-tome │ 0.1.0 │ tome" in out
+    finally:
+        monkeypatch.delenv("TMCORE_DISABLE_PLUGINS")
+        registry.reload()
 
 
 def test_flop_ratio_of_tome_r13_on_deit_small_by_hand():

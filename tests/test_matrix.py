@@ -4,7 +4,7 @@ generated from the registry, so a newly installed plugin joins the matrix withou
 import tmcore
 from tmcore.testing import ReducerConformance
 
-for _reg in tmcore.reducers():
+for _reg in tmcore.reducers().values():
     globals()[f"TestMatrix_{_reg.name}"] = type(
         f"TestMatrix_{_reg.name}", (ReducerConformance,), {"reducer": _reg.name}
     )

@@ -11,6 +11,7 @@ import pytest
 
 import tmcore
 from tmcore import PluginError, PluginLoadWarning, UnknownReducerError
+from tmcore.reducer import CONTRACT_ATTRIBUTES, CONTRACT_METHODS, TokenReducer, check_reducer
 from tmcore.registry import registry
 
 THIRD_PARTY = '''
@@ -67,11 +68,11 @@ def site(tmp_path, monkeypatch):
 def test_third_party_plugin_is_discovered(site):
     _install(site, "tm-keep-first", "tm_keep_first", THIRD_PARTY)
     registry.reload()
-    by_name = {r.name: r for r in tmcore.reducers()}
+    by_name = tmcore.reducers()
     assert by_name["keep_first"].distribution == "tm-keep-first"
     assert by_name["keep_first"].version == "1.2.3"
     assert "tome" in by_name
-    plugin = {p.distribution: p for p in tmcore.plugins()}["tm-keep-first"]
+    plugin = tmcore.plugins()["tm-keep-first"]
     assert plugin.reducers == ["keep_first"] and plugin.error is None
 
 
@@ -80,9 +81,9 @@ def test_broken_plugin_is_skipped_with_a_warning(site):
     _install(site, "tm-keep-first", "tm_keep_first", THIRD_PARTY)
     with pytest.warns(PluginLoadWarning, match=r"tm-broken 1\.2\.3.*RuntimeError: boom at import"):
         registry.reload()
-    names = {r.name for r in tmcore.reducers()}
+    names = set(tmcore.reducers())
     assert {"keep_first", "tome"} <= names
-    assert {p.distribution: p for p in tmcore.plugins()}["tm-broken"].error == "RuntimeError: boom at import"
+    assert tmcore.plugins()["tm-broken"].error == "RuntimeError: boom at import"
 
 
 def test_plugin_whose_hook_raises_is_skipped(site):
@@ -90,7 +91,7 @@ def test_plugin_whose_hook_raises_is_skipped(site):
     _install(site, "tm-raises", "tm_raises", source)
     with pytest.warns(PluginLoadWarning, match="tm-raises"):
         registry.reload()
-    assert "tome" in {r.name for r in tmcore.reducers()}
+    assert "tome" in tmcore.reducers()
 
 
 def test_duplicate_name_names_both_distributions(site):
@@ -116,13 +117,13 @@ def test_env_selects_and_disables_distributions(site, monkeypatch):
     _install(site, "tm-keep-first", "tm_keep_first", THIRD_PARTY)
     monkeypatch.setenv("TMCORE_PLUGINS", "tm_keep_first,tm-timm")
     registry.reload()
-    assert {r.name for r in tmcore.reducers()} == {"keep_first"}
-    assert {a.name for a in tmcore.adapters()} == {"timm"}
+    assert set(tmcore.reducers()) == {"keep_first"}
+    assert set(tmcore.adapters()) == {"timm"}
     monkeypatch.delenv("TMCORE_PLUGINS")
     monkeypatch.setenv("TMCORE_DISABLE_PLUGINS", "tm-keep-first")
     registry.reload()
-    assert "keep_first" not in {r.name for r in tmcore.reducers()}
-    assert "tome" in {r.name for r in tmcore.reducers()}
+    assert "keep_first" not in tmcore.reducers()
+    assert "tome" in tmcore.reducers()
 
 
 def test_unknown_reducer_lists_installed_and_pip_name(monkeypatch):
@@ -140,7 +141,7 @@ def test_env_names_that_match_nothing_are_reported(site, monkeypatch):
     monkeypatch.setenv("TMCORE_PLUGINS", "tm-tome,tm-timm,tm-nosuch")
     with pytest.warns(PluginLoadWarning, match=r"TMCORE_PLUGINS names tm-nosuch, which matches no installed"):
         registry.reload()
-    assert {r.name for r in tmcore.reducers()} == {"tome"}
+    assert set(tmcore.reducers()) == {"tome"}
     monkeypatch.delenv("TMCORE_PLUGINS")
     monkeypatch.setenv("TMCORE_DISABLE_PLUGINS", "tm-tomecis,tm_typo")
     with pytest.warns(PluginLoadWarning, match=r"TMCORE_DISABLE_PLUGINS names tm-typo"):
@@ -170,3 +171,72 @@ def test_a_disabled_reducer_is_told_apart_from_a_missing_one(site, monkeypatch):
 def test_a_reducer_name_that_is_not_a_string(name):
     with pytest.raises(UnknownReducerError, match=r"allowed: a registered reducer name, a string: .*tome \(tm-tome\)"):
         tmcore.apply(object(), name)
+
+
+def _conforming_members() -> dict:
+    """Every member of the reducer contract, taken from a real reducer (not a BaseReducer subclass,
+    so that leaving one out really leaves it out)."""
+    from tm_tome import ToMe
+
+    return {name: getattr(ToMe, name) for name in (*CONTRACT_ATTRIBUTES, *CONTRACT_METHODS)}
+
+
+def test_the_protocol_names_the_whole_contract():
+    members = set(TokenReducer.__annotations__) | {n for n in vars(TokenReducer) if not n.startswith("_")}
+    assert set(CONTRACT_ATTRIBUTES) | set(CONTRACT_METHODS) <= members
+    assert check_reducer(type("Complete", (), _conforming_members())) == []
+
+
+@pytest.mark.parametrize("member", [m for m in (*CONTRACT_ATTRIBUTES, *CONTRACT_METHODS) if m != "name"])
+def test_a_reducer_missing_part_of_the_contract_is_refused_at_load_naming_it(member, site):
+    source = (
+        "import tmcore\nfrom tm_tome import ToMe\n\n"
+        f"members = {{k: getattr(ToMe, k) for k in {list(_conforming_members())!r} if k != {member!r}}}\n"
+        "Partial = type('Partial', (), {**members, 'name': 'partial'})\n\n"
+        "@tmcore.hookimpl\ndef tmcore_register_reducers(register):\n    register(Partial)\n"
+    )
+    _install(site, "tm-partial", "tm_partial", source)
+    with pytest.raises(PluginError, match=rf"tm-partial registered an invalid reducer .*{member}"):
+        registry.reload()
+
+
+def test_a_reducer_with_a_wrong_attribute_type_is_refused():
+    bad = type("Bad", (), {**_conforming_members(), "position": "mlp", "example_configs": [{"r": 1}]})
+    problems = check_reducer(bad)
+    assert any("`position` must be one of ['attention', 'layer']" in p for p in problems), problems
+    assert any("`example_configs` must be a tuple of config dicts" in p for p in problems), problems
+
+
+def test_an_adapter_must_implement_the_family_methods(site):
+    source = (
+        "import tmcore\n\nclass Half(tmcore.Adapter):\n    name = 'half'\n\n"
+        "    @classmethod\n    def handles(cls, model):\n        return False\n\n"
+        "@tmcore.hookimpl\ndef tmcore_register_adapters(register):\n    register(Half)\n"
+    )
+    _install(site, "tm-half", "tm_half", source)
+    with pytest.raises(PluginError, match=r"does not implement describe\(\), blocks\(\), patch_block\(\), flops\(\)"):
+        registry.reload()
+
+
+def test_listings_are_mappings_by_name():
+    reducers, adapters, plugins = tmcore.reducers(), tmcore.adapters(), tmcore.plugins()
+    assert "tome" in reducers and reducers["tome"].distribution == "tm-tome"
+    assert list(reducers) == sorted(reducers) and "timm" in adapters
+    assert plugins["tm-tome"].reducers == ["tome"] and plugins["tm-timm"].adapters == ["timm"]
+    with pytest.raises(TypeError):
+        reducers["x"] = reducers["tome"]  # read-only views
+
+
+def test_every_hook_spec_is_in_the_contributing_hook_reference():
+    import inspect
+    from pathlib import Path
+
+    from tmcore import hookspecs
+
+    text = (Path(__file__).parents[1] / "CONTRIBUTING.md").read_text()
+    reference = text[text.index("### Hook reference") :].split("\n## ")[0]
+    specs = [n for n, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, "tmcore_spec")]
+    assert specs, "no hook specs found"
+    for name in specs:
+        params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+        assert f"`{name}({params})`" in reference, f"hook spec {name}({params}) is missing from the hook reference"

@@ -28,13 +28,14 @@ itself (transformers' layers) calls the backbone's checkpoint function as the or
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from importlib import metadata
 from typing import Any, ClassVar
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 from torch import Tensor, nn
 
 from tmcore.errors import IncompatibleVersionError
@@ -46,18 +47,12 @@ from tmcore.state import TokenState
 __all__ = [
     "Adapter",
     "Patch",
-    "version_tuple",
     "attention_dtype",
     "needs_explicit_attention",
     "explicit_attention",
     "capture_hook",
     "token_weights",
 ]
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """``"1.0.31"`` -> ``(1, 0, 31)``; pre-release and local suffixes are ignored."""
-    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0].split("dev")[0])[:3])
 
 
 class Patch:
@@ -110,7 +105,7 @@ class Adapter:
         name: registry name, e.g. ``"timm"``.
         description: the families it supports, for error messages and ``tmcore plugins``.
         library: the backbone library's distribution name, checked against `supported_versions`.
-        supported_versions: ``(minimum inclusive, maximum exclusive)``, e.g. ``("1.0", "1.1")``.
+        supported_versions: a PEP 440 version specifier of the backbone library, e.g. ``">=1.0,<1.1"``.
         inputs: which `INPUTS` it can compute for reducers.
         positions: where in a block it can reduce (`tmcore.runtime.POSITIONS`): ``attention``
             (after the attention sub-layer, before the MLP) and / or ``layer`` (after the block).
@@ -120,7 +115,7 @@ class Adapter:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     library: ClassVar[str | None] = None
-    supported_versions: ClassVar[tuple[str, str] | None] = None
+    supported_versions: ClassVar[str | None] = None
     inputs: ClassVar[frozenset[str]] = INPUTS
     positions: ClassVar[frozenset[str]] = frozenset({"attention"})
 
@@ -137,11 +132,15 @@ class Adapter:
             installed = metadata.version(self.library)
         except metadata.PackageNotFoundError:
             return
-        lo, hi = self.supported_versions
-        if not version_tuple(lo) <= version_tuple(installed) < version_tuple(hi):
+        try:
+            version = Version(installed)
+        except InvalidVersion:  # a local build with a free-form version: nothing to compare
+            return
+        if not SpecifierSet(self.supported_versions).contains(version, prereleases=True):
             raise IncompatibleVersionError(
-                f"adapter {self.name!r} supports {self.library}>={lo},<{hi}, but {self.library}=={installed} "
-                f"is installed; install a supported {self.library} or an adapter release for {installed}"
+                f"adapter {self.name!r} supports {self.library}{self.supported_versions}, but "
+                f"{self.library}=={installed} is installed; install a supported {self.library} or an adapter "
+                f"release for {installed}"
             )
 
     def describe(self, model: nn.Module) -> ModelInfo:

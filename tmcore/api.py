@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -89,8 +90,8 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
             f"which adapter {adapter.name!r} cannot provide"
         )
     info = adapter.describe(model)
-    if getattr(reducer_cls, "requires_class_token", False) and not info.class_token:
-        others = sorted(n for n, r in registry.reducers.items() if not getattr(r.obj, "requires_class_token", False))
+    if reducer_cls.requires_class_token and not info.class_token:
+        others = sorted(n for n, r in registry.reducers.items() if not r.obj.requires_class_token)
         raise UnsupportedModelError(
             f"reducer {reducer!r} weighs tokens by the class token's attention, but this "
             f"{type(model).__name__} ({info.family}, {info.num_protected} prefix tokens, pool {info.pool!r}) "
@@ -99,7 +100,7 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
     if not isinstance(full_length, bool):
         raise InvalidConfigError(f"full_length={full_length!r}: allowed: True or False")
     instance = reducer_cls(cfg, info)
-    position = getattr(instance, "position", "attention")
+    position = instance.position
     if position not in adapter.positions:
         raise UnsupportedModelError(
             f"reducer {reducer!r} reduces at position {position!r} ({info.family}), which adapter "
@@ -255,19 +256,24 @@ def _json_entry(path: str | Path, metadata: dict[str, str], key: str, default: s
     return value
 
 
-def reducers() -> list[Registration]:
-    """Installed reducers: name, class, distribution and version."""
+def reducers() -> Mapping[str, Registration]:
+    """Installed reducers by name (sorted), each with its class, distribution and version::
+
+    "tome" in tmcore.reducers()
+    tmcore.reducers()["tome"].distribution   # 'tm-tome'
+    """
     registry.ensure_loaded()
-    return list(registry.reducers.values())
+    return MappingProxyType(dict(sorted(registry.reducers.items())))
 
 
-def adapters() -> list[Registration]:
-    """Installed adapters: name, class, distribution and version."""
+def adapters() -> Mapping[str, Registration]:
+    """Installed adapters by name (sorted), each with its class, distribution and version."""
     registry.ensure_loaded()
-    return list(registry.adapters.values())
+    return MappingProxyType(dict(sorted(registry.adapters.items())))
 
 
-def plugins() -> list[PluginInfo]:
-    """Installed plugin distributions with what each registers and any load error."""
+def plugins() -> Mapping[str, PluginInfo]:
+    """Installed plugin distributions by name (sorted), with their version, what each registers
+    and any load error."""
     registry.ensure_loaded()
-    return list(registry.plugins.values())
+    return MappingProxyType(dict(sorted(registry.plugins.items())))

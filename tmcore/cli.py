@@ -1,4 +1,4 @@
-"""The ``tmcore`` command: ``bench``, ``eval``, ``visualize`` and ``plugins``."""
+"""The ``tmcore`` command: ``bench``, ``eval``, ``visualize``, ``plugins`` and ``new-plugin``."""
 
 from __future__ import annotations
 
@@ -294,7 +294,7 @@ def _settings(specs: Sequence[str] | None, files: Sequence[str] = ()) -> list[An
     elif loaded:
         settings = []
     else:
-        settings = [Setting(r.name, dict(c)) for r in tmcore.reducers() for c in r.obj.example_configs]
+        settings = [Setting(r.name, dict(c)) for r in tmcore.reducers().values() for c in r.obj.example_configs]
     settings += loaded
     for s in settings:
         validate_config(registry.get_reducer(s.reducer).obj, s.config)
@@ -470,17 +470,23 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 def _cmd_plugins(args: argparse.Namespace) -> int:
     import tmcore
 
+    from tmcore.registry import registry
+
     infos = tmcore.plugins()
+    skipped = registry.skipped  # installed, but TMCORE_PLUGINS / TMCORE_DISABLE_PLUGINS left them out
     if args.json:
-        print(json.dumps([vars(p) for p in infos], indent=2))
+        rows = [{**vars(p), "loaded": True} for p in infos.values()]
+        rows += [{"distribution": d, "loaded": False, "error": why} for d, why in sorted(skipped.items())]
+        print(json.dumps(rows, indent=2))
         return 0
-    if not infos:
+    if not infos and not skipped:
         print("no tmcore plugins installed (pip install tm-tome 'tmcore[timm]')")
         return 0
     rows = [
         [p.distribution, p.version, ", ".join(p.reducers) or "-", ", ".join(p.adapters) or "-", p.error or "ok"]
-        for p in infos
+        for p in infos.values()
     ]
+    rows += [[d, "-", "-", "-", f"not loaded: {why}"] for d, why in sorted(skipped.items())]
     _print_table("installed tmcore plugins", ["distribution", "version", "reducers", "adapters", "status"], rows)
     return 0
 
@@ -733,6 +739,20 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_new_plugin(args: argparse.Namespace) -> int:
+    from tmcore.scaffold import new_plugin
+
+    path = new_plugin(args.name, args.dir, adapter=args.adapter)
+    kind = "adapter" if args.adapter else "reducer"
+    print(
+        f"wrote {path}/: the {kind} plugin {args.name!r}. Next:\n"
+        f"  pip install -e '{path}[test]'   # install it (editable) with its test dependencies\n"
+        f"  pytest {path}                    # its tests, tmcore's conformance suite among them\n"
+        f"  then replace the parts marked REPLACE; {path / 'README.md'} says how to publish it"
+    )
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -836,6 +856,15 @@ def _parser() -> argparse.ArgumentParser:
         "outlined (the ToMe paper's figures) (default: %(default)s)",
     )
     v.set_defaults(func=_cmd_visualize)
+
+    n = sub.add_parser(
+        "new-plugin",
+        help="write a new reducer (or --adapter) plugin distribution that passes tmcore's conformance suite",
+    )
+    n.add_argument("name", metavar="NAME", help="its registry name, a lowercase identifier (e.g. my_method)")
+    n.add_argument("--adapter", action="store_true", help="an adapter for a backbone family instead of a reducer")
+    n.add_argument("--dir", default=".", metavar="DIR", help="where to write tm-NAME/ (default: the current folder)")
+    n.set_defaults(func=_cmd_new_plugin)
     return parser
 
 

@@ -31,7 +31,7 @@ def _spec(name: str, config: dict) -> str:
 def bench_args() -> list[str]:
     """The ``tmcore bench`` arguments of the demo, from what is installed."""
     args = ["bench", "--model", MODEL, "--batch-size", "32", "--rounds", "6", "--show-counts", "--plot", "bench.png"]
-    for reg in sorted(tmcore.reducers(), key=lambda r: r.name):
+    for reg in tmcore.reducers().values():
         learned = models.reducer_files(MODEL, reg.name)
         if reg.name in SETTINGS:
             specs = SETTINGS[reg.name]

@@ -11,10 +11,20 @@ from torch import Tensor
 
 from tmcore.config import show
 from tmcore.errors import InvalidConfigError
-from tmcore.plan import Plan, merge_tokens, unmerge
+from tmcore.plan import Plan, merge_tokens
 from tmcore.state import INPUTS, LayerInputs, TokenState
 
-__all__ = ["ModelInfo", "ReducerConfig", "TokenReducer", "BaseReducer", "INPUTS", "validate_config"]
+__all__ = [
+    "ModelInfo",
+    "ReducerConfig",
+    "TokenReducer",
+    "BaseReducer",
+    "INPUTS",
+    "CONTRACT_ATTRIBUTES",
+    "CONTRACT_METHODS",
+    "check_reducer",
+    "validate_config",
+]
 
 
 class ModelInfo(BaseModel):
@@ -57,23 +67,41 @@ class ReducerConfig(BaseModel):
 
 @runtime_checkable
 class TokenReducer(Protocol):
-    """A token-reduction method: ``score`` -> ``match`` (a Plan) -> ``reduce`` (+ ``unmerge``).
+    """The reducer contract: everything tmcore's API, runtime, CLI and test kit call on a
+    reducer, and nothing else. The registry checks a registered class against it when the plugin
+    loads (`check_reducer`) and names what is missing; `BaseReducer` satisfies it with defaults.
+
+    Steps, per block: ``score`` -> ``match`` (a `Plan`, or ``None`` to leave the block alone) ->
+    ``reduce`` (features and sizes through the plan).
 
     Class attributes: ``name`` (registry name), ``config_model`` (a `ReducerConfig` subclass),
     ``requires`` (subset of `INPUTS` the adapter must be able to compute), ``requires_class_token``
-    (refuse models without one). Instances are built once per ``tmcore.apply`` from a validated
-    config and the `ModelInfo`, and hold no per-forward state. ``needs(layer)`` says what block
-    ``layer`` reads (a subset of ``requires``; empty where the reducer does nothing there), asked
-    once per block when the model is patched, so the adapter captures and computes only that.
+    (refuse models without one), ``position`` (``attention`` or ``layer``: where in a block it
+    reduces, `tmcore.runtime.POSITIONS`), ``description`` (``tmcore plugins``), ``identity_config``
+    (a config that changes nothing, or ``None``; the conformance suite checks it is exact),
+    ``example_configs`` (configs that reduce; the test matrix and ``tmcore bench`` use them),
+    ``merge_only`` (every input token survives inside some output: sizes are conserved) and
+    ``stochastic`` (random by design: draws from ``state.sample_index(x)``, so a sample alone
+    draws what it drew in its batch).
 
-    Optional: ``soft_step(layer, x, inputs, state) -> x``. A reducer that defines it is trained
-    with soft masks: in training mode nothing is removed; the runtime keeps a straight-through
-    keep-mask in ``state.mask`` (all ones at block 0), adapters mask removed keys out of
-    attention with it, and ``soft_step`` replaces score / match / reduce, updating
-    ``state.mask`` (and ``state.size``) in place of a Plan. See `tmcore.state.Runtime`.
-    Optional: ``live_needs() -> tuple[frozenset[str], ...]``, what each block reads in the current
-    inference forward when that depends on learned state (a subset of ``needs(layer)`` per block,
-    asked once per forward; cache it): `tmcore.runtime.Runtime.block_needs`.
+    Instances are built once per ``tmcore.apply`` as ``cls(config, info)`` from a validated config
+    and the `ModelInfo`, and hold no per-forward state; ``prop_attn`` says whether attention gets
+    ``log(size)``. ``needs(layer)`` says what block ``layer`` reads (a subset of ``requires``;
+    empty where the reducer does nothing there), asked once per block when the model is patched,
+    so the adapter captures and computes only that. ``state_tensors()`` / ``load_state_tensors()``
+    are the learned state `tmcore.save` writes and `tmcore.load` reads back (validated as a config
+    is; nothing changes when it raises).
+
+    Optional, found by the runtime when present:
+    ``soft_step(layer, x, inputs, state) -> x``: a reducer that defines it is trained with soft
+    masks: in training mode nothing is removed; the runtime keeps a straight-through keep-mask in
+    ``state.mask`` (all ones at block 0), adapters mask removed keys out of attention with it, and
+    ``soft_step`` replaces score / match / reduce, updating ``state.mask`` (and ``state.size``)
+    in place of a Plan. See `tmcore.runtime.Runtime`.
+    ``live_needs() -> tuple[frozenset[str], ...]``: what each block reads in the current inference
+    forward when that depends on learned state (a subset of ``needs(layer)`` per block, asked once
+    per forward; cache it): `tmcore.runtime.Runtime.block_needs`.
+
     Ragged plans (``Plan.valid``, built with `tmcore.plan.pack`) let per-sample token counts
     differ at inference; ``state.valid`` then marks the real tokens of the next layer.
     """
@@ -82,9 +110,17 @@ class TokenReducer(Protocol):
     config_model: ClassVar[type[ReducerConfig]]
     requires: ClassVar[frozenset[str]]
     requires_class_token: ClassVar[bool]
+    position: ClassVar[str]
+    description: ClassVar[str]
+    identity_config: ClassVar[dict[str, Any] | None]
+    example_configs: ClassVar[tuple[dict[str, Any], ...]]
+    merge_only: ClassVar[bool]
+    stochastic: ClassVar[bool]
     config: ReducerConfig
     info: ModelInfo
     prop_attn: bool
+
+    def __init__(self, config: ReducerConfig, info: ModelInfo) -> None: ...
 
     def needs(self, layer: int) -> frozenset[str]: ...
 
@@ -94,12 +130,67 @@ class TokenReducer(Protocol):
 
     def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]: ...
 
-    def unmerge(self, y: Tensor, plan: Plan) -> Tensor: ...
+    def state_tensors(self) -> dict[str, Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None: ...
+
+
+CONTRACT_ATTRIBUTES = (
+    "name",
+    "config_model",
+    "requires",
+    "requires_class_token",
+    "position",
+    "description",
+    "identity_config",
+    "example_configs",
+    "merge_only",
+    "stochastic",
+)
+"""The class attributes of `TokenReducer`."""
+
+CONTRACT_METHODS = ("needs", "score", "match", "reduce", "state_tensors", "load_state_tensors")
+"""The methods of `TokenReducer` (the runtime also looks for the optional ``soft_step`` and
+``live_needs``)."""
+
+
+def check_reducer(cls: Any) -> list[str]:
+    """What ``cls`` lacks of the `TokenReducer` contract, one phrase each (empty: it conforms).
+    ``name`` is checked by the registry with the adapters' names."""
+    from tmcore.runtime import POSITIONS  # the runtime imports this module
+
+    problems = []
+
+    def attr(name: str, ok: Any, what: str) -> None:
+        if not hasattr(cls, name):
+            problems.append(f"missing class attribute `{name}` ({what})")
+        elif not ok(getattr(cls, name)):
+            problems.append(f"`{name}` must be {what}, got {getattr(cls, name)!r}")
+
+    def is_config_class(v: Any) -> bool:
+        return isinstance(v, type) and issubclass(v, ReducerConfig)
+
+    attr("config_model", is_config_class, "a tmcore.ReducerConfig subclass")
+    attr("requires", lambda v: isinstance(v, frozenset) and v <= INPUTS, f"a frozenset of {sorted(INPUTS)}")
+    for flag in ("requires_class_token", "merge_only", "stochastic"):
+        attr(flag, lambda v: isinstance(v, bool), "True or False")
+    attr("position", lambda v: v in POSITIONS, f"one of {sorted(POSITIONS)}")
+    attr("description", lambda v: isinstance(v, str), "a string")
+    attr("identity_config", lambda v: v is None or isinstance(v, dict), "a dict of config values or None")
+    attr(
+        "example_configs",
+        lambda v: isinstance(v, tuple) and all(isinstance(c, dict) for c in v),
+        "a tuple of config dicts",
+    )
+    for method in CONTRACT_METHODS:
+        if not callable(getattr(cls, method, None)):
+            problems.append(f"missing method {method}()")
+    return problems
 
 
 class BaseReducer:
-    """Defaults for the four steps: keys as scores, merging weighted by the plan's weight or the
-    sizes (`tmcore.plan.merge_tokens`), gather unmerge; every input in every block.
+    """The `TokenReducer` contract with defaults: keys as scores, merging weighted by the plan's
+    weight or the sizes (`tmcore.plan.merge_tokens`), every input in every block, no learned state.
 
     Subclasses set ``name``, ``config_model`` and ``requires``, write `match` (and `score` when
     the method scores something other than head-mean keys), resolve config defaults that depend
@@ -118,6 +209,13 @@ class BaseReducer:
     """Configs that reduce tokens, used by the test matrix and as ``tmcore bench`` defaults."""
     merge_only: ClassVar[bool] = True
     """Every input token survives inside some output token (sizes are conserved)."""
+    position: ClassVar[str] = "attention"
+    """Where in a block it reduces (`tmcore.runtime.POSITIONS`): after the attention sub-layer, or
+    ``layer``, after the whole block."""
+    stochastic: ClassVar[bool] = False
+    """Random by design: draws depend on the config's seed, the block, the token positions and
+    ``state.sample_index(x)``, so results are reproducible and a sample draws the same alone as
+    in its batch (the conformance suite runs it alone inside ``runtime.numbered_from(i)``)."""
 
     prop_attn: bool = False
 
@@ -144,9 +242,6 @@ class BaseReducer:
         """Average of each merged group weighted by ``plan.weight`` (sizes when ``None``), sizes
         summed; returns ``(x, new size)``."""
         return merge_tokens(x, plan, state.size)
-
-    def unmerge(self, y: Tensor, plan: Plan) -> Tensor:
-        return unmerge(y, plan)
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Learned state saved by `tmcore.save` (none for training-free methods)."""

@@ -25,11 +25,12 @@ from importlib import metadata
 from typing import Any
 
 import pluggy
+from packaging.utils import canonicalize_name
 
 from tmcore import hookspecs
 from tmcore.adapter import Adapter
 from tmcore.errors import NoAdapterError, PluginError, PluginLoadWarning, UnknownReducerError
-from tmcore.reducer import INPUTS, ReducerConfig
+from tmcore.reducer import check_reducer
 
 __all__ = ["ENTRY_POINT_GROUP", "KNOWN_REDUCERS", "Registry", "PluginInfo", "Registration", "registry"]
 
@@ -41,12 +42,14 @@ KNOWN_REDUCERS = {
     "ltmp": "tm-ltmp",
     "tomecis": "tm-tomecis",
     "ppt": "tm-ppt",
+    "random": "tm-random",
+    "topk": "tm-topk",
 }
 """The project's own reducers and the distribution to ``pip install`` for each."""
 
 
 def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return canonicalize_name(name)
 
 
 def _env_names(var: str) -> set[str] | None:
@@ -220,6 +223,10 @@ class Registry:
         )
 
 
+ADAPTER_METHODS = ("handles", "describe", "blocks", "patch_block", "flops")
+"""What an adapter must implement itself (`tmcore.Adapter`'s versions raise)."""
+
+
 def _check_registration(kind: str, obj: Any, dist: str) -> None:
     def bad(why: str) -> PluginError:
         return PluginError(f"{dist} registered an invalid {kind} {obj!r}: {why}")
@@ -230,18 +237,19 @@ def _check_registration(kind: str, obj: Any, dist: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise bad(f"`name` must be a lowercase identifier, got {name!r}")
     if kind == "reducer":
-        config = getattr(obj, "config_model", None)
-        if not (inspect.isclass(config) and issubclass(config, ReducerConfig)):
-            raise bad("`config_model` must be a tmcore.ReducerConfig subclass")
-        requires = getattr(obj, "requires", None)
-        if not isinstance(requires, frozenset) or not requires <= INPUTS:
-            raise bad(f"`requires` must be a frozenset of {sorted(INPUTS)}, got {requires!r}")
-        for method in ("needs", "score", "match", "reduce", "unmerge"):
-            if not callable(getattr(obj, method, None)):
-                raise bad(f"missing method {method}()")
+        problems = check_reducer(obj)
+        if problems:
+            raise bad(
+                "it does not satisfy tmcore.TokenReducer (subclass tmcore.BaseReducer for the defaults): "
+                + "; ".join(problems)
+            )
     else:
         if not issubclass(obj, Adapter):
             raise bad("adapters must subclass tmcore.Adapter")
+        missing = [m for m in ADAPTER_METHODS if inspect.getattr_static(obj, m) is inspect.getattr_static(Adapter, m)]
+        if missing:
+            methods = ", ".join(f"{m}()" for m in missing)
+            raise bad(f"it does not implement {methods} (tmcore.Adapter leaves them to its subclasses)")
 
 
 registry = Registry()

@@ -81,7 +81,7 @@ class Runtime:
         self.reducer = reducer
         self.info = info
         self.full_length = full_length
-        self.position: str = getattr(reducer, "position", "attention")
+        self.position: str = reducer.position
         self.soft = callable(getattr(reducer, "soft_step", None))
         self.layer_needs: tuple[frozenset[str], ...] = tuple(
             _checked_needs(reducer, layer) for layer in range(info.num_layers)
@@ -92,6 +92,7 @@ class Runtime:
         uid = next(_ids)
         self._state: ContextVar[TokenState | None] = ContextVar(f"tmcore_state_{uid}", default=None)
         self._dense: ContextVar[bool] = ContextVar(f"tmcore_dense_{uid}", default=False)
+        self._first_sample: ContextVar[int] = ContextVar(f"tmcore_first_sample_{uid}", default=0)
         self.trace_var: ContextVar[Trace | None] = ContextVar(f"tmcore_trace_{uid}", default=None)
 
     def __reduce__(self) -> tuple[Any, ...]:  # ContextVars do not pickle or deepcopy: make new ones
@@ -128,6 +129,7 @@ class Runtime:
         if layer == 0 or state is None:
             trace = self.trace_var.get()
             state = TokenState(self.info.num_protected, x.shape[1], self.reducer.prop_attn, trace)
+            state.first_sample = self._first_sample.get()
             if valid is not None:
                 state.valid = _padding_mask(valid, x)
             if training and self.soft:
@@ -171,6 +173,17 @@ class Runtime:
             )
         self._state.set(state)
         return state
+
+    @contextmanager
+    def numbered_from(self, first: int) -> Iterator[None]:
+        """Inside the ``with`` block, forwards number their samples from ``first``
+        (`TokenState.sample_index`): run sample ``i`` of a batch alone inside ``numbered_from(i)``
+        and a stochastic reducer draws for it what it drew in the batch."""
+        token = self._first_sample.set(first)
+        try:
+            yield
+        finally:
+            self._first_sample.reset(token)
 
     @contextmanager
     def dense_outputs(self) -> Iterator[None]:

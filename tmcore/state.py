@@ -64,6 +64,8 @@ class TokenState:
         num_input: tokens entering the first block (schedules are defined from it).
         needs: per block, what the reducer reads in this forward (its ``live_needs()``);
             ``None``: what it declared at patch time (`tmcore.runtime.Runtime.block_needs`).
+        first_sample: the number of the batch's first sample (`sample_index`); 0 unless the
+            caller runs part of a batch (`tmcore.runtime.Runtime.numbered_from`).
         expanded: dense outputs only (`tmcore.runtime.Runtime.dense_outputs`): the block
             output was brought back to the input length from this many slots, which the next
             block takes back (`tmcore.runtime.Runtime.compact`); ``None`` otherwise.
@@ -82,6 +84,7 @@ class TokenState:
         "trace",
         "needs",
         "expanded",
+        "first_sample",
     )
 
     def __init__(self, num_protected: int, num_input: int, prop_attn: bool, trace: Trace | None) -> None:
@@ -97,12 +100,19 @@ class TokenState:
         self.trace = trace
         self.needs: tuple[frozenset[str], ...] | None = None
         self.expanded: int | None = None
+        self.first_sample = 0
+
+    def sample_index(self, x: Tensor) -> Tensor:
+        """``[B]`` long: each sample's number, ``first_sample + b``. A reducer that is random by
+        design (``stochastic``) draws from it (and its seed, block and token positions), so a
+        sample draws the same alone as in its batch."""
+        return torch.arange(x.shape[0], device=x.device) + self.first_sample
 
     def copy(self) -> TokenState:
         """A copy to replay a block from (gradient checkpointing): the same tensors (a step
         replaces them, never writes into them), no captures, no trace."""
         new = TokenState(self.num_protected, self.num_input, self.prop_attn, None)
-        for name in ("size", "valid", "input_valid", "mask", "source", "needs", "expanded"):
+        for name in ("size", "valid", "input_valid", "mask", "source", "needs", "expanded", "first_sample"):
             setattr(new, name, getattr(self, name))
         return new
 

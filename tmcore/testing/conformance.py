@@ -58,7 +58,7 @@ def _skip_unsupported(reducer: str, config: dict[str, Any], model: nn.Module, na
     """A reducer that needs a class token must be refused on a model without one (checked
     here); the test is then skipped."""
     cls = registry.get_reducer(reducer).obj
-    if getattr(cls, "requires_class_token", False) and not registry.adapter_for(model).describe(model).class_token:
+    if cls.requires_class_token and not registry.adapter_for(model).describe(model).class_token:
         with pytest.raises(tmcore.UnsupportedModelError, match="no class token"):
             tmcore.apply(model, reducer, **config)
         assert tmcore.get_patch(model) is None
@@ -184,7 +184,9 @@ class ReducerConformance:
             b, m = t.sizes.shape[:2]
             n0 = t.source.shape[1]
             real = real_in if real_in is not None else torch.ones(b, n0, dtype=torch.bool)
-            assert torch.equal(t.source[:, :p], torch.arange(p).expand(b, p)), "protected tokens moved"
+            assert torch.equal(t.source[:, :p], torch.arange(p).expand(b, p)), (
+                f"{config}: protected tokens moved (the class / prefix tokens must stay in front, unmerged)"
+            )
             assert ((t.source >= -1) & (t.source < m)).all()
             if t.valid is None:  # fixed-shape plans (merging, dropping or both): counts are ints
                 assert all(isinstance(c, int) for c in t.token_counts), t.token_counts
@@ -200,24 +202,38 @@ class ReducerConformance:
                 assert (t.source[real] >= 0).all(), "a merge-only reducer dropped a real token"
                 assert torch.equal(groups.sum(1), real.long()), "a real token is in more than one group"
                 sizes = t.sizes.squeeze(-1)
-                torch.testing.assert_close(sizes[valid], groups.sum(2)[valid].to(sizes.dtype))
+                torch.testing.assert_close(
+                    sizes[valid],
+                    groups.sum(2)[valid].to(sizes.dtype),
+                    msg=lambda m: f"{config}: sizes are not conserved (a token's size must be the input tokens "
+                    f"it stands for):\n{m}",
+                )
 
     def test_batch_equals_samples(self, model: nn.Module) -> None:
         """A batch (padded, for text) gives every sample what it gives alone, unpadded: the same
-        output and the same token counts."""
+        output and the same token counts. A stochastic reducer runs sample ``i`` alone numbered
+        ``i`` (`tmcore.runtime.Runtime.numbered_from`), so it draws as in the batch."""
         x = registry.adapter_for(model).example_inputs(model)
         for config in self._configs():
             tmcore.apply(model, self.reducer, replace=True, **config)
+            runtime = tmcore.get_patch(model).runtime
             with torch.no_grad():
                 with tmcore.trace(model) as t:
                     batched = run(model, x)
                 b = batched.shape[0]
                 singles, counts = [], []
-                for xi in split_samples(x):
-                    with tmcore.trace(model) as ti:
+                for i, xi in enumerate(split_samples(x)):
+                    with tmcore.trace(model) as ti, runtime.numbered_from(i if self._cls().stochastic else 0):
                         singles.append(run(model, xi))
                     counts.append([_most(c) for c in ti.token_counts])
-            torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-7, atol=1e-7)
+            torch.testing.assert_close(
+                batched,
+                torch.cat(singles),
+                rtol=1e-7,
+                atol=1e-7,
+                msg=lambda m: f"{config}: a sample's output depends on the rest of its batch (batch != samples "
+                f"one by one):\n{m}",
+            )
             batched_counts = torch.stack([_per_sample(c, b) for c in t.token_counts], 1)
             assert batched_counts.tolist() == counts, f"{config}: token counts differ from one-by-one runs"
 
@@ -370,7 +386,7 @@ class AdapterConformance:
             cls = reg.obj
             for config in cls.example_configs:
                 info = registry.adapter_for(model).describe(model)
-                if getattr(cls, "requires_class_token", False) and not info.class_token:
+                if cls.requires_class_token and not info.class_token:
                     with pytest.raises(tmcore.UnsupportedModelError):
                         tmcore.apply(model, reg.name, replace=True, **config)
                     continue

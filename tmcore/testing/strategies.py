@@ -1,4 +1,6 @@
-"""Hypothesis strategies for merge invariants."""
+"""Hypothesis strategies for merge invariants: whole matching problems (`matching_cases`,
+`mixed_cases`) and the pieces a plugin's own property tests combine (`tokens`, `sizes`,
+`padding_masks`, `protected_prefixes`, `plans`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 from hypothesis import strategies as st
 
 from tmcore.matching import max_bipartite_r
+from tmcore.plan import Plan
 
 
 @dataclass
@@ -75,3 +78,63 @@ def mixed_cases(draw: st.DrawFn, max_batch: int = 4, max_tokens: int = 40, max_p
     take = torch.tensor(draw(st.lists(st.booleans(), min_size=b, max_size=b)))
     weight = torch.rand(b, n, 1, generator=gen, dtype=torch.float64) + 0.1
     return MixedCase(case=case, score=score, take_merge=take, weight=weight)
+
+
+# -- building blocks: tensors a reducer sees, and plans it may return ------------------------------
+
+
+@st.composite
+def protected_prefixes(draw: st.DrawFn, num_tokens: int, max_protected: int = 5) -> int:
+    """A protected prefix length ``p`` for ``num_tokens`` tokens: ``0 <= p <= min(max, N - 1)``
+    (class, distillation and register tokens; ``0`` for models pooled by averaging)."""
+    return draw(st.integers(0, max(0, min(max_protected, num_tokens - 1))))
+
+
+@st.composite
+def tokens(
+    draw: st.DrawFn, batch: int | None = None, num_tokens: int | None = None, channels: int | None = None
+) -> torch.Tensor:
+    """``[B, N, C]`` float64 tokens (random shapes where not given; some samples share values,
+    the ties order-dependent code gets wrong)."""
+    b = batch if batch is not None else draw(st.integers(1, 3))
+    n = num_tokens if num_tokens is not None else draw(st.integers(2, 40))
+    c = channels if channels is not None else draw(st.integers(1, 8))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(b, n, c, generator=gen, dtype=torch.float64)
+    if n > 1 and draw(st.booleans()):
+        x[:, 1] = x[:, 0]
+    return x
+
+
+@st.composite
+def sizes(draw: st.DrawFn, batch: int, num_tokens: int, max_size: int = 8) -> torch.Tensor:
+    """``[B, N, 1]`` float64 token sizes: positive integers (tokens merged earlier stand for several)."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    return torch.randint(1, max_size + 1, (batch, num_tokens, 1), generator=gen).to(torch.float64)
+
+
+@st.composite
+def padding_masks(draw: st.DrawFn, batch: int, num_tokens: int, min_real: int = 1) -> torch.Tensor:
+    """``[B, N]`` bool right-padding masks (real tokens first), at least ``min_real`` real tokens
+    per sample and the longest sample unpadded, as a tokenizer pads a batch."""
+    lengths = draw(st.lists(st.integers(min(min_real, num_tokens), num_tokens), min_size=batch, max_size=batch))
+    lengths[draw(st.integers(0, batch - 1))] = num_tokens
+    return torch.arange(num_tokens) < torch.tensor(lengths).unsqueeze(1)
+
+
+@st.composite
+def plans(draw: st.DrawFn, batch: int, num_tokens: int, num_protected: int = 0) -> Plan:
+    """Fixed-shape plans on ``num_tokens`` tokens that keep the protected prefix in front: per
+    sample, a random ``r`` of the other tokens either merge into kept ones (bipartite, on random
+    keys) or are dropped, in one plan (`tmcore.plan.select`)."""
+    from tmcore.matching import bipartite_soft_matching, prune_lowest
+    from tmcore.plan import select
+
+    r = draw(st.integers(0, max_bipartite_r(num_tokens, num_protected)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    keys = torch.randn(batch, num_tokens, 4, generator=gen, dtype=torch.float64)
+    score = torch.rand(batch, num_tokens, generator=gen, dtype=torch.float64)
+    merge = bipartite_soft_matching(keys, r, num_protected)
+    prune = prune_lowest(score, r, num_protected)
+    take_merge = torch.tensor(draw(st.lists(st.booleans(), min_size=batch, max_size=batch)))
+    return select(take_merge, merge, prune)

@@ -116,7 +116,7 @@ class TimmViT(Adapter):
     name = "timm"
     description = _SUPPORTED
     library = "timm"
-    supported_versions = ("1.0", "1.1")
+    supported_versions = ">=1.0,<1.1"
     positions = frozenset({"attention", "layer"})
 
     @classmethod

@@ -78,7 +78,7 @@ def test_unpatched_logits_are_identical(pair):
         torch.testing.assert_close(hf(pixel_values=images).logits, vit(images), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("reducer", sorted(r.name for r in tmcore.reducers()))
+@pytest.mark.parametrize("reducer", sorted(tmcore.reducers()))
 def test_every_reducer_gives_the_same_logits(pair, reducer):
     vit, hf, images = pair
     for config in tmcore.registry.registry.reducers[reducer].obj.example_configs:

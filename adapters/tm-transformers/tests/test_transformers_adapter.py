@@ -34,7 +34,7 @@ def bert_head(cls: type, **config: object) -> torch.nn.Module:
 
 
 def installed(name: str) -> bool:
-    return name in {r.name for r in tmcore.reducers()}
+    return name in tmcore.reducers()
 
 
 # -- what the adapter reports -----------------------------------------------------------------
@@ -258,15 +258,17 @@ def test_padded_mean_pool_equals_each_sentence_alone(name):
     size over real tokens, equals each sentence run alone, unpadded."""
     model = tiny(name)
     x = inputs_for(model)
-    for reg in tmcore.reducers():
+    for reg in tmcore.reducers().values():
         for config in reg.obj.example_configs:
             tmcore.apply(model, reg.name, replace=True, **config)
             with torch.no_grad():
                 out = model(**x)
                 pooled = mean_pool(out.last_hidden_state, out.token_mask, out.token_sizes)
                 alone = []
-                for xi in split_samples(x):
-                    o = model(**xi)
+                runtime = tmcore.get_patch(model).runtime
+                for i, xi in enumerate(split_samples(x)):
+                    with runtime.numbered_from(i if reg.obj.stochastic else 0):  # random baselines draw per sample
+                        o = model(**xi)
                     alone.append(mean_pool(o.last_hidden_state, o.token_mask, o.token_sizes))
             torch.testing.assert_close(pooled, torch.cat(alone), rtol=1e-7, atol=1e-9, msg=f"{reg.name} {config}")
 

@@ -236,7 +236,7 @@ class TransformersEncoders(Adapter):
     name = "transformers"
     description = _SUPPORTED
     library = "transformers"
-    supported_versions = ("5.0", "6.0")
+    supported_versions = ">=5.0,<6.0"
     positions = frozenset({"attention", "layer"})
 
     @classmethod
