@@ -42,7 +42,7 @@ def test_strategies_make_what_they_say(data):
     assert plan.keep.shape[1] == plan.num_out and plan.num_in == n
 
 
-BROKEN = '''
+BROKEN = """
     import pytest
     import torch
 
@@ -116,7 +116,7 @@ BROKEN = '''
     class TestControl(ReducerConformance):
         reducer = "tome"
         configs = ({"r": 2},)
-'''
+"""
 
 
 @pytest.mark.parametrize(

@@ -469,7 +469,6 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 # -- commands ----------------------------------------------------------------------------------
 def _cmd_plugins(args: argparse.Namespace) -> int:
     import tmcore
-
     from tmcore.registry import registry
 
     infos = tmcore.plugins()

@@ -205,8 +205,9 @@ class ReducerConformance:
                 torch.testing.assert_close(
                     sizes[valid],
                     groups.sum(2)[valid].to(sizes.dtype),
-                    msg=lambda m: f"{config}: sizes are not conserved (a token's size must be the input tokens "
-                    f"it stands for):\n{m}",
+                    msg=lambda m, config=config: (
+                        f"{config}: sizes are not conserved (a token's size is the input tokens it stands for):\n{m}"
+                    ),
                 )
 
     def test_batch_equals_samples(self, model: nn.Module) -> None:
@@ -231,8 +232,9 @@ class ReducerConformance:
                 torch.cat(singles),
                 rtol=1e-7,
                 atol=1e-7,
-                msg=lambda m: f"{config}: a sample's output depends on the rest of its batch (batch != samples "
-                f"one by one):\n{m}",
+                msg=lambda m, config=config: (
+                    f"{config}: a sample's output depends on the rest of its batch (batch != samples one by one):\n{m}"
+                ),
             )
             batched_counts = torch.stack([_per_sample(c, b) for c in t.token_counts], 1)
             assert batched_counts.tolist() == counts, f"{config}: token counts differ from one-by-one runs"
