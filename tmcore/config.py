@@ -36,6 +36,7 @@ __all__ = [
     "Integer",
     "Choice",
     "PerBlock",
+    "Blocks",
     "Rule",
     "Refused",
     "field_type",
@@ -291,3 +292,29 @@ def pair_json(names: tuple[str, str]) -> Callable[[Any], Any]:
         return dict(zip(names, value)) if isinstance(value, tuple) else value
 
     return to_json
+
+
+# block lists -------------------------------------------------------------------------------------
+
+
+def Blocks(optional: bool = False) -> Any:
+    """A list of distinct 0-based block indices, e.g. ``[3, 6, 9]`` (the blocks a reducer works
+    in); with ``optional``, ``None`` too (the reducer's default blocks). The reducer checks the
+    indices against the model's depth in ``setup``."""
+    index = rule_of(Integer(ge=0))
+    allowed = f"a list of distinct 0-based block indices, each {index.allowed}, e.g. [3, 6, 9]"
+
+    def check(value: Any) -> list[int] | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, (list, tuple)):
+            raise Refused
+        blocks = index.each(value)
+        repeated = sorted({b for b in blocks if blocks.count(b) > 1})
+        if repeated:
+            raise Refused(f"block(s) {repeated} listed more than once")
+        return blocks
+
+    if optional:
+        return field_type(Rule(f"None (the default blocks) or {allowed}", check), list[int] | None)
+    return field_type(Rule(allowed, check), list[int])

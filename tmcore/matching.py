@@ -10,12 +10,24 @@ from torch import Tensor
 
 from tmcore.plan import Plan, pack
 
-__all__ = ["bipartite_soft_matching", "max_bipartite_r", "prune_lowest", "real_tokens"]
+__all__ = [
+    "bipartite_soft_matching",
+    "max_bipartite_r",
+    "max_prune_r",
+    "prune_lowest",
+    "prune_lowest_in_order",
+    "real_tokens",
+]
 
 
 def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
     """The most tokens one bipartite matching can remove: half of the unprotected tokens."""
     return max(num_tokens - num_protected, 0) // 2
+
+
+def max_prune_r(num_tokens: int, num_protected: int) -> int:
+    """The most tokens one block may drop: all of its unprotected tokens but one."""
+    return max(num_tokens - num_protected - 1, 0)
 
 
 def real_tokens(valid: Tensor, num_protected: int) -> Tensor:
@@ -175,3 +187,59 @@ def prune_lowest(score: Tensor, r: int, num_protected: int = 0, valid: Tensor | 
         order = score[:, p:].argsort(dim=-1, descending=True, stable=True) + p
     prefix = torch.arange(p, device=score.device).expand(b, p)
     return Plan.prune(torch.cat([prefix, order[:, : n - p - r]], dim=1), n, drop=order[:, n - p - r :])
+
+
+def _highest(dtype: torch.dtype) -> float | int:
+    return torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
+
+
+def prune_lowest_in_order(score: Tensor, r: int, num_protected: int = 0, valid: Tensor | None = None) -> Plan:
+    """Drop the ``r`` lowest-scoring unprotected tokens of every sample; keep the rest in their
+    original order.
+
+    Unlike `prune_lowest`, which outputs the kept tokens by descending score (the order PPT and
+    EViT produce on purpose), survivors stay in input order: for random scores (tm-random) a
+    score order would be a random permutation, which nothing asks for. Only the ``r`` dropped
+    tokens are selected (``topk``); the survivors are compacted with a prefix sum, no sort.
+
+    Args:
+        score: ``[B, N]`` per-token score, distinct among each sample's unprotected tokens (tm-random's
+            sort keys are), so the dropped set does not depend on how ``topk`` breaks ties; the
+            prefix's entries are ignored.
+        r: tokens to drop, ``0 <= r <= max_prune_r(N, num_protected)``.
+        num_protected: ``p``, the length of the protected prefix (always kept, in front).
+        valid: ``[B, N]`` bool padding mask (real tokens first). Sample ``i`` then drops
+            ``r_i = min(r, T_i - 1)`` (at least 0) of its ``T_i`` real unprotected tokens, the
+            count the cap gives it alone; padding is never kept.
+
+    Returns:
+        A Plan from ``N`` to ``N - r`` tokens; with ``valid``, a ragged plan (``Plan.valid``) of
+        the same size (no host synchronisation) whose sample ``i`` holds its ``p + T_i - r_i``
+        tokens first, as alone.
+    """
+    b, n = score.shape
+    p = num_protected
+    if not 0 <= r <= max_prune_r(n, p):
+        raise ValueError(f"r={r} is outside [0, {max_prune_r(n, p)}] for {n} tokens, {p} protected")
+    device = score.device
+    prefix = torch.arange(p, device=device).expand(b, p)
+    with torch.no_grad():
+        rest = score[:, p:]
+        if valid is None:
+            drop = rest.topk(r, dim=1, largest=False, sorted=False).indices  # [B, r]
+            kept = torch.ones_like(rest, dtype=torch.bool).scatter_(1, drop, False)
+            m = n - p - r
+            slot = torch.where(kept, kept.cumsum(1) - 1, m)  # dropped tokens: a spare column m
+            order = torch.arange(n - p, device=device).expand(b, n - p) + p
+            keep = torch.zeros(b, m + 1, dtype=torch.long, device=device).scatter_(1, slot, order)[:, :m]
+            return Plan.prune(torch.cat([prefix, keep], dim=1), n)
+        # padding scores highest, so a sample's r_i lowest are real (r_i < T_i)
+        rest = rest.masked_fill(~valid[:, p:], _highest(score.dtype))
+        drop = rest.topk(r, dim=1, largest=False, sorted=True).indices  # [B, r], lowest first
+        t = real_tokens(valid, p)
+        r_i = (t - 1).clamp(min=0, max=r)  # a sample of 0 real tokens drops none
+        dropped = torch.zeros_like(rest, dtype=torch.bool).scatter_(
+            1, drop, torch.arange(r, device=device) < r_i.unsqueeze(1)
+        )
+        kept = torch.cat([valid[:, :p], valid[:, p:] & ~dropped], dim=1)
+    return pack(torch.arange(n, device=device), kept, n, num_out=n - r)

@@ -8,9 +8,17 @@ from typing import Any
 
 from tmcore.config import Integer, Number, Rule, check_pair, field_type, pair_json, rule_of
 from tmcore.errors import InvalidConfigError, ScheduleClampWarning
-from tmcore.matching import max_bipartite_r
+from tmcore.matching import max_bipartite_r, max_prune_r
 
-__all__ = ["RSchedule", "BipartiteSchedule", "parse_r", "clamped_r", "clamped_r_cached", "token_counts"]
+__all__ = [
+    "RSchedule",
+    "BipartiteSchedule",
+    "PruneSchedule",
+    "parse_r",
+    "clamped_r",
+    "clamped_r_cached",
+    "token_counts",
+]
 
 RValue = int | list[int] | tuple[int, float]
 
@@ -56,10 +64,20 @@ def parse_r(num_layers: int, r: RValue) -> list[int]:
     return [int(lo + step * i) for i in range(num_layers)]
 
 
-def _clamp(r_list: tuple[int, ...], num_tokens: int, num_protected: int) -> tuple[tuple[int, ...], list[str]]:
+_LIMITS = {
+    "bipartite": (max_bipartite_r, "the 50% per-block limit of bipartite matching"),
+    "prune": (max_prune_r, "the per-block limit of pruning (every unprotected token but one)"),
+}
+"""How much one block may remove, by kind of reduction: ``(limit(num_tokens, num_protected), words)``."""
+
+
+def _clamp(
+    r_list: tuple[int, ...], num_tokens: int, num_protected: int, kind: str
+) -> tuple[tuple[int, ...], list[str]]:
+    limit_of = _LIMITS[kind][0]
     out, capped, n = [], [], num_tokens
     for layer, r in enumerate(r_list):
-        limit = max_bipartite_r(n, num_protected)
+        limit = limit_of(n, num_protected)
         if r > limit:
             capped.append(f"block {layer}: r={r} -> {limit}")
             r = limit
@@ -69,14 +87,19 @@ def _clamp(r_list: tuple[int, ...], num_tokens: int, num_protected: int) -> tupl
 
 
 def clamped_r(
-    r_list: list[int] | tuple[int, ...], num_tokens: int, num_protected: int, stacklevel: int = 2
+    r_list: list[int] | tuple[int, ...],
+    num_tokens: int,
+    num_protected: int,
+    stacklevel: int = 2,
+    kind: str = "bipartite",
 ) -> tuple[int, ...]:
-    """Cap each block's ``r`` at half its unprotected tokens, with a warning if any is capped
+    """Cap each block's ``r`` at what one block can remove (``kind``: half its unprotected tokens
+    for bipartite matching, all but one for pruning), with a warning if any is capped
     (``stacklevel`` as in `warnings.warn`, counted from the caller of this function)."""
-    out, capped = _clamp(tuple(r_list), num_tokens, num_protected)
+    out, capped = _clamp(tuple(r_list), num_tokens, num_protected, kind)
     if capped:
         warnings.warn(
-            f"r exceeds the 50% per-block limit of bipartite matching for {num_tokens} tokens "
+            f"r exceeds {_LIMITS[kind][1]} for {num_tokens} tokens "
             f"({num_protected} protected) and was capped: " + ", ".join(capped),
             ScheduleClampWarning,
             stacklevel=stacklevel + 1,
@@ -85,9 +108,11 @@ def clamped_r(
 
 
 @lru_cache(maxsize=256)
-def clamped_r_cached(r_list: tuple[int, ...], num_tokens: int, num_protected: int) -> tuple[int, ...]:
+def clamped_r_cached(
+    r_list: tuple[int, ...], num_tokens: int, num_protected: int, kind: str = "bipartite"
+) -> tuple[int, ...]:
     """`clamped_r` for the forward pass: computed (and warned about) once per input shape."""
-    return clamped_r(r_list, num_tokens, num_protected)
+    return clamped_r(r_list, num_tokens, num_protected, kind=kind)
 
 
 def token_counts(r_list: list[int] | tuple[int, ...], num_tokens: int) -> list[int]:
@@ -102,6 +127,7 @@ class BipartiteSchedule:
     """Per-block ``r`` for bipartite matching, each capped at half of its block's unprotected
     tokens: for the model's own input length once at apply time (warning there, at the user's
     ``tmcore.apply`` call), for any other length once per length (`clamped_r_cached`).
+    `PruneSchedule` is the same for pruning.
 
     Args:
         r_list: the requested ``r`` of every block (e.g. from `parse_r`).
@@ -112,18 +138,27 @@ class BipartiteSchedule:
             schedule in ``setup`` (setup, ``BaseReducer.__init__``, ``_build``, ``apply``, caller).
     """
 
+    kind = "bipartite"
+
     def __init__(self, r_list: list[int] | tuple[int, ...], num_tokens: int, num_protected: int, stacklevel: int = 5):
         self.r_list = tuple(r_list)
         self.num_tokens = num_tokens
         self.num_protected = num_protected
-        self.default = clamped_r(self.r_list, num_tokens, num_protected, stacklevel=stacklevel + 1)
+        self.default = clamped_r(self.r_list, num_tokens, num_protected, stacklevel=stacklevel + 1, kind=self.kind)
 
     def __call__(self, num_tokens: int) -> tuple[int, ...]:
         """Per-block ``r`` after the cap, for ``num_tokens`` entering the first block."""
         if num_tokens == self.num_tokens:
             return self.default
-        return clamped_r_cached(self.r_list, num_tokens, self.num_protected)
+        return clamped_r_cached(self.r_list, num_tokens, self.num_protected, self.kind)
 
     def active(self, layer: int) -> bool:
         """Whether block ``layer`` may reduce at all (``r > 0`` requested there)."""
         return self.r_list[layer] > 0
+
+
+class PruneSchedule(BipartiteSchedule):
+    """`BipartiteSchedule` for pruning: each block's ``r`` capped at its unprotected tokens
+    minus one (a block keeps at least one unprotected token)."""
+
+    kind = "prune"

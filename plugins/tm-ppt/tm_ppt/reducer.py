@@ -15,7 +15,7 @@ sample's real tokens only; both branches are the core's padded plans (each sampl
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from tmcore import (
     TokenState,
     bipartite_soft_matching,
 )
-from tmcore.config import Bool, Integer, Number, PerBlock, Refused, Rule, field_type, rule_of
+from tmcore.config import Blocks, Bool, Integer, Number, PerBlock
 from tmcore.matching import prune_lowest
 from tmcore.plan import select
 
@@ -84,22 +84,7 @@ Threshold = Number(
     "0 or -inf: every image prunes",
 )
 
-_BLOCK = rule_of(Integer(ge=0))
-
-
-def _check_layers(value: Any) -> list[int]:
-    if not isinstance(value, (list, tuple)):
-        raise Refused
-    layers = _BLOCK.each(value)
-    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
-    if repeated:
-        raise Refused(f"block(s) {repeated} listed more than once")
-    return layers
-
-
-Layers = field_type(
-    Rule(f"a list of distinct 0-based block indices, each {_BLOCK.allowed}, e.g. [3, 6, 9]", _check_layers), list[int]
-)
+Layers = Blocks()
 
 
 class PPTConfig(ReducerConfig):
