@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,3 +202,26 @@ def test_bench_loads_a_saved_reducer_file(tmp_path, capsys):
     assert main(["bench", "--model", "timm:test_vit", "--load", str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "--load" in err and "no such file" in err
+
+
+def test_without_timm_or_transformers_the_adapters_load_inactive():
+    """``pip install tmcore`` brings both adapters; without their frameworks they load, import
+    neither framework, and ``tmcore plugins`` says they are inactive."""
+    script = (
+        "import importlib.util, sys, warnings\n"
+        "sys.modules['timm'] = None; sys.modules['transformers'] = None  # as if not installed\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n in ('timm', 'transformers') else real(n, *a)\n"
+        "warnings.simplefilter('error')\n"
+        "import tmcore\n"
+        "from tmcore.cli import main\n"
+        "assert sorted(tmcore.adapters()) == ['timm', 'transformers'], tmcore.adapters()\n"
+        "main(['plugins', '--json'])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {p["distribution"]: p for p in json.loads(result.stdout)}
+    assert rows["tm-timm"]["status"] == "inactive: timm not installed"
+    assert rows["tm-transformers"]["status"] == "inactive: transformers not installed"
+    assert rows["tm-tome"]["status"] == "ok"

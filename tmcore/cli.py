@@ -467,6 +467,22 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 # -- commands ----------------------------------------------------------------------------------
+def _status(plugin: Any) -> str:
+    """``ok``, the load error, or for an adapter whose framework is not installed, ``inactive``."""
+    import importlib.util
+
+    import tmcore
+
+    if plugin.error:
+        return plugin.error
+    missing = [
+        lib
+        for name in plugin.adapters
+        if (lib := tmcore.adapters()[name].obj.library) and importlib.util.find_spec(lib) is None
+    ]
+    return f"inactive: {', '.join(missing)} not installed" if missing else "ok"
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     import tmcore
     from tmcore.registry import registry
@@ -474,7 +490,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     infos = tmcore.plugins()
     skipped = registry.skipped  # installed, but TMCORE_PLUGINS / TMCORE_DISABLE_PLUGINS left them out
     if args.json:
-        rows = [{**vars(p), "loaded": True} for p in infos.values()]
+        rows = [{**vars(p), "loaded": True, "status": _status(p)} for p in infos.values()]
         rows += [{"distribution": d, "loaded": False, "error": why} for d, why in sorted(skipped.items())]
         print(json.dumps(rows, indent=2))
         return 0
@@ -482,7 +498,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print("no tmcore plugins installed (pip install tm-tome 'tmcore[timm]')")
         return 0
     rows = [
-        [p.distribution, p.version, ", ".join(p.reducers) or "-", ", ".join(p.adapters) or "-", p.error or "ok"]
+        [p.distribution, p.version, ", ".join(p.reducers) or "-", ", ".join(p.adapters) or "-", _status(p)]
         for p in infos.values()
     ]
     rows += [[d, "-", "-", "-", f"not loaded: {why}"] for d, why in sorted(skipped.items())]
