@@ -7,7 +7,7 @@ DISTS := . $(wildcard plugins/*) $(wildcard adapters/*)
 STAMP := $(VENV)/.tmcore-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint install clean train-fmnist fit-ltmp-fmnist
+.PHONY: demo test lint install clean dist train-fmnist fit-ltmp-fmnist
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+# sdist and wheel of every distribution in this repo into dist/, checked by twine
+dist: $(STAMP)
+	rm -rf dist
+	$(foreach d,$(DISTS),$(PY) -m build -q --outdir dist $(d) &&) true
+	$(PY) -m twine check --strict dist/*
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
