@@ -710,31 +710,19 @@ def _has_head(model: Any, data: Any) -> bool:
     return not isinstance(out, dict) or "logits" in out
 
 
-def _read_image(path: str) -> Any:
-    """``IMAGE``, decoded before the model is loaded, so a file PIL cannot read fails at once."""
-    from PIL import Image
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise CliError(f"IMAGE {path!r}: not a readable image ({exc})") from None
-    return image
-
-
 def _cmd_visualize(args: argparse.Namespace) -> int:
     import torch
 
     import tmcore
     from tmcore import models
-    from tmcore.evaluate import image_transform
+    from tmcore.evaluate import image_transform, read_image
     from tmcore.visualize import group_map, render_groups
 
     if not (args.model in models.available() or args.model.startswith("timm:")):
         raise CliError(
             f"--model {args.model!r}: visualize draws the patch grid of a timm ViT; allowed: a bundled model, timm:NAME"
         )
-    image = _read_image(args.image)
+    image = read_image(args.image, "IMAGE")  # before the model loads: a bad file fails at once
     setting = _one_setting(args.reducer)
     model = load_model(args.model, args.pretrained, args.checkpoint).to(args.device)
     setting.apply(model)

@@ -70,17 +70,25 @@ def image_folder(root: str | Path, model: nn.Module) -> Dataset:
 
     if not Path(root).is_dir():
         raise TmcoreError(f"--data {str(root)!r}: not a directory (expected an ImageFolder: DIR/<class>/<image>)")
-    return ImageFolder(str(root), transform=image_transform(model), loader=_read_image)
+    return ImageFolder(str(root), transform=image_transform(model), loader=_read_rgb)
 
 
-def _read_image(path: str) -> Any:
-    """torchvision's image loader, with a file PIL cannot decode named in one clear error."""
-    from torchvision.datasets.folder import default_loader
+def read_image(path: str, what: str = "--data") -> Any:
+    """The decoded PIL image at ``path``; a file PIL cannot read is one `TmcoreError` naming
+    ``what`` (the option or argument it came from) and the file."""
+    from PIL import Image
 
     try:
-        return default_loader(path)
-    except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file
-        raise TmcoreError(f"--data: {path!r} is not a readable image ({exc})") from None
+        image = Image.open(path)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError, a truncated file
+        raise TmcoreError(f"{what}: {path!r} is not a readable image ({exc})") from None
+    return image
+
+
+def _read_rgb(path: str) -> Any:
+    """`read_image` as torchvision's ``default_loader`` gives it: converted to RGB."""
+    return read_image(path).convert("RGB")
 
 
 def bundled_dataset(model: nn.Module, name: str = "fmnist-vit") -> Dataset:
