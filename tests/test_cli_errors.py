@@ -27,6 +27,15 @@ def _png(path: Path, size: int = 32) -> None:
     Image.effect_noise((size, size), 64).convert("RGB").save(path)
 
 
+def _float_tiff(path: Path) -> None:
+    """A 32-bit float image (PIL mode F): its values have no known range to map to 8 bits."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)).save(path)
+
+
 def _unwritable_dir(root: Path) -> str | None:
     """A directory this process cannot write in (root writes anywhere but in /proc), or None."""
     locked = root / "locked"
@@ -52,6 +61,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (root / "weights.pth").write_text("not a checkpoint")
     (root / "latin-1.txt").write_bytes("Café au lait.\n".encode("latin-1"))
     (root / "reducer.safetensors").write_text("not a reducer file")
+    _float_tiff(root / "float.tif")
+    _float_tiff(root / "float-folder" / "shirts" / "f.tif")
+    (root / "zero.safetensors").symlink_to("/dev/zero")  # reading it would never end
+    os.mkfifo(root / "pipe")  # opening it would wait for a writer
     return {"tmp": str(root), "locked": _unwritable_dir(root) or ""}
 
 
@@ -120,6 +133,26 @@ UPFRONT = [
     pytest.param(
         ["visualize", "{tmp}/notes.png", *MODEL], ["IMAGE", "{tmp}/notes.png", "not a readable image"], id="image"
     ),
+    pytest.param(
+        ["visualize", "{tmp}/float.tif", *MODEL],
+        ["IMAGE", "{tmp}/float.tif", "mode 'F'", "range of values is unknown", "allowed: an 8-bit image"],
+        id="float-image",
+    ),
+    pytest.param(
+        ["bench", *MODEL, "--reducer", "tome:r=8;r=2"],
+        ["--reducer", "'tome:r=8;r=2'", "key 'r' is given twice", "r=V1,V2"],
+        id="reducer-key-twice",
+    ),
+    pytest.param(
+        ["bench", *MODEL, "--load", "{tmp}/zero.safetensors"],
+        ["--load", "{tmp}/zero.safetensors", "is a character device (a symbolic link to /dev/zero)"],
+        id="load-dev-zero",
+    ),
+    pytest.param(
+        ["bench", *MODEL, "--checkpoint", "{tmp}/pipe"],
+        ["--checkpoint", "{tmp}/pipe", "is a named pipe", "allowed: a regular file"],
+        id="checkpoint-fifo",
+    ),
 ]
 # found while loading the model: the file exists but holds no weights for it
 LATE = [
@@ -127,6 +160,11 @@ LATE = [
         ["bench", *MODEL, "--checkpoint", "{tmp}/weights.pth"],
         ["--checkpoint", "{tmp}/weights.pth", "timm could not load it into test_vit"],
         id="ckpt-not-weights",
+    ),
+    pytest.param(
+        ["eval", *MODEL, "--data", "{tmp}/float-folder"],
+        ["--data", "{tmp}/float-folder/shirts/f.tif", "mode 'F'", "range of values is unknown"],
+        id="data-float-image",
     ),
 ]
 

@@ -5,6 +5,7 @@ traces asked about forwards that did not complete, and an apply that fails halfw
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,34 @@ def test_a_bad_file_names_itself_and_leaves_the_model_alone(case, saved, tmp_pat
         tmcore.load(model, path)
     assert str(path) in str(err.value) and words in str(err.value), str(err.value)
     _assert_same(before, _fingerprint(model))
+
+
+def _not_files(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """Paths that are no regular file, each with what the error must call it."""
+    (tmp / "zero.safetensors").symlink_to("/dev/zero")  # reading it would never end
+    (tmp / "gone.safetensors").symlink_to(tmp / "deleted.safetensors")
+    os.mkfifo(tmp / "pipe.safetensors")  # opening it would wait for a writer
+    (tmp / "folder-link").symlink_to(tmp)
+    return {
+        "link to /dev/zero": (tmp / "zero.safetensors", "it is a character device (a symbolic link to /dev/zero)"),
+        "broken link": (tmp / "gone.safetensors", f"it is a broken symbolic link to {tmp / 'deleted.safetensors'}"),
+        "fifo": (tmp / "pipe.safetensors", "it is a named pipe (FIFO)"),
+        "link to a folder": (tmp / "folder-link", f"it is a folder (a symbolic link to {tmp})"),
+        "missing": (tmp / "nope.safetensors", "it does not exist"),
+    }
+
+
+@pytest.mark.parametrize("case", ["link to /dev/zero", "broken link", "fifo", "link to a folder", "missing"])
+def test_a_path_that_is_no_regular_file_says_what_it_is(case, tmp_path):
+    path, words = _not_files(tmp_path)[case]
+    with pytest.raises(InvalidFileError) as err:
+        tmcore.load(_vit(), path)
+    assert str(err.value) == f"cannot load {path}: {words}; expected a file written by tmcore.save"
+
+
+def test_a_link_to_a_valid_file_loads(saved, tmp_path):
+    (tmp_path / "link.safetensors").symlink_to(saved)
+    assert tmcore.get_patch(tmcore.load(_vit(), tmp_path / "link.safetensors")).reducer.name == "ltmp"
 
 
 def test_a_valid_file_still_loads(saved):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DISTS = (".", "adapters/tm-timm", "adapters/tm-transformers", "plugins/tm-pitome", "plugins/tm-ltmp")
+# left out of the copies that are built: setuptools' and pip's leftovers, caches, environments
+NEVER_COPIED = shutil.ignore_patterns(
+    ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*cache", ".hypothesis"
+)
+# and from the root distribution, the other distributions and what is not the package
+NOT_IN_ROOT = {"plugins", "adapters", "tests", "scripts", "docs"}
 
 ONE_LINE = """
 import sys, timm, torch, tmcore
@@ -24,6 +31,30 @@ with torch.no_grad(), tmcore.trace(model) as t:
 assert out.shape == (2, 1000) and t.token_counts[-1] < t.token_counts[0], t.token_counts
 print("one line ok", t.token_counts)
 """
+
+
+def _copy(dist: str, into: Path) -> Path:
+    """A copy of the distribution folder ``dist`` to build from: setuptools writes ``build/`` and
+    ``*.egg-info`` next to the sources it builds, and the checkout is to stay as it was."""
+    source = REPO / dist
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        left_out = set(NEVER_COPIED(folder, names))
+        if dist == "." and Path(folder) == source:  # only at the top: tmcore/templates has tests/ folders
+            left_out |= NOT_IN_ROOT & set(names)
+        return left_out
+
+    return Path(shutil.copytree(source, into / ("tmcore" if dist == "." else Path(dist).name), ignore=ignore))
+
+
+def _build_outputs() -> dict[str, list[tuple[str, int]]]:
+    """Each distribution folder's ``build/`` tree, where it has one: its paths with their times of
+    change (a build into the checkout rewrites the files an earlier one left)."""
+    return {
+        dist: sorted((str(p.relative_to(REPO)), p.stat().st_mtime_ns) for p in (REPO / dist / "build").rglob("*"))
+        for dist in DISTS
+        if (REPO / dist / "build").exists()
+    }
 
 
 def _run(cmd: list, cwd: Path, timeout: int = 600) -> str:
@@ -40,7 +71,9 @@ def test_pip_install_tmcore_tm_pitome_tm_ltmp_in_a_fresh_environment(tmp_path):
     fresh environment: the adapters come along inactive, then the README's line, ``tmcore
     plugins`` and ``tmcore bench`` work."""
     wheels = tmp_path / "wheels"
-    for dist in DISTS:  # the venv's setuptools: no download
+    builds_before = _build_outputs()  # left by an earlier `pip install` or `make`: not this test's to remove
+    sources = tmp_path / "sources"
+    for dist in DISTS:  # from a copy, with the venv's setuptools: no download
         _run(
             [
                 sys.executable,
@@ -52,10 +85,11 @@ def test_pip_install_tmcore_tm_pitome_tm_ltmp_in_a_fresh_environment(tmp_path):
                 "--no-build-isolation",
                 "-w",
                 wheels,
-                REPO / dist,
+                _copy(dist, sources),
             ],
             tmp_path,
         )
+    assert _build_outputs() == builds_before, "building wrote into the checkout"
     files = {p.name.split("-")[0].replace("_", "-"): p for p in wheels.glob("*.whl")}
     assert set(files) == {"tmcore", "tm-timm", "tm-transformers", "tm-pitome", "tm-ltmp"}, files
     env = tmp_path / "env"
@@ -97,3 +131,4 @@ def test_pip_install_tmcore_tm_pitome_tm_ltmp_in_a_fresh_environment(tmp_path):
         tmp_path,
     )
     assert "pitome" in bench and "fmnist-vit" in bench, bench
+    assert _build_outputs() == builds_before, "the test left build/ output in the checkout"

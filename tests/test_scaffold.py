@@ -16,7 +16,7 @@ import pytest
 from tmcore import TmcoreError
 from tmcore.cli import main
 from tmcore.registry import registry
-from tmcore.scaffold import KINDS, MAX_NAME_LENGTH, ScaffoldError, dist_name, new_plugin
+from tmcore.scaffold import KINDS, MAX_NAME_LENGTH, ScaffoldError, dist_name, new_plugin, registry_name
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {"reducer": "scaffold_demo_merge", "adapter": "scaffold_demo_vit"}
@@ -133,7 +133,34 @@ def test_the_generated_tree(kind, tmp_path):
     assert "$" not in "".join(p.read_text() for p in project.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("name", ["MyMethod", "my-method", "1st", "_x", "", "a" * (MAX_NAME_LENGTH + 1), "méthode"])
+MALFORMED = ["MyMethod", "my-method", "1st", "_x", "", "a" * (MAX_NAME_LENGTH + 1), "méthode"]
+# distribution names whose reducer name would be malformed
+MALFORMED += ["tm-", "tm-Acme", "tm-1st", "tm--x", "tm-" + "a" * (MAX_NAME_LENGTH + 1), "tm_acme-x", "TM-acme"]
+
+
+@pytest.mark.parametrize(
+    "given, name",
+    [("tm-acme", "acme"), ("tm-my-method", "my_method"), ("tm-my_method", "my_method"), ("my_method", "my_method")],
+)
+def test_the_distribution_name_is_accepted_too(given, name, tmp_path, capsys):
+    """People type what they will ``pip install``: tm-my-method is the plugin my_method."""
+    assert registry_name(given) == name
+    assert main(["new-plugin", given, "--dir", str(tmp_path)]) == 0
+    project = tmp_path / dist_name(name)
+    assert [p.name for p in tmp_path.iterdir()] == [project.name]
+    assert f'[project.entry-points.tmcore]\n{name} = "tm_{name}.plugin"' in (project / "pyproject.toml").read_text()
+    assert (project / f"tm_{name}" / "plugin.py").is_file()
+    assert capsys.readouterr().out.startswith(
+        f"wrote {project}/: the reducer plugin {name!r} (distribution {project.name})"
+    )
+
+
+def test_the_python_api_takes_the_distribution_name(tmp_path):
+    assert new_plugin("tm-acme", tmp_path, adapter=True) == tmp_path / "tm-acme"
+    assert 'acme = "tm_acme.plugin"' in (tmp_path / "tm-acme" / "pyproject.toml").read_text()
+
+
+@pytest.mark.parametrize("name", MALFORMED)
 def test_a_malformed_name_is_refused_in_one_line(name, tmp_path, capsys):
     assert main(["new-plugin", name, "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err

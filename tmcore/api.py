@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -221,8 +223,8 @@ def _read(path: str | Path, tensors: bool) -> tuple[str, dict[str, Any], dict[st
     """``(reducer name, config, tensors, full_length)`` of a tmcore reducer file, checked."""
     from safetensors import SafetensorError, safe_open
 
-    if not Path(path).is_file():
-        what = "is a folder" if Path(path).is_dir() else "does not exist"
+    what = not_a_regular_file(path)
+    if what:
         raise InvalidFileError(f"cannot load {path}: it {what}; expected a file written by tmcore.save")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -243,6 +245,34 @@ def _read(path: str | Path, tensors: bool) -> tuple[str, dict[str, Any], dict[st
     config = _json_entry(path, metadata, "config", "{}", dict, "a JSON object of config values")
     full_length = _json_entry(path, metadata, "full_length", "false", bool, "true or false")  # older files: off
     return name, config, state, full_length
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_regular_file(path: str | Path) -> str | None:
+    """What ``path`` is when it is no regular file to read ("does not exist", "is a character
+    device (a symbolic link to /dev/zero)", ...), or ``None`` when it is one. ``Path.is_file`` says
+    only no, and "does not exist" misleads for a device, a pipe or a broken link."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: what would be read
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            return f"is a broken symbolic link to {os.readlink(path)}"
+        return "does not exist"
+    except OSError as exc:  # a loop of links, a folder it may not enter
+        return f"cannot be reached ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    link = f" (a symbolic link to {os.readlink(path)})" if os.path.islink(path) else ""
+    return f"is {kind}{link}"
 
 
 def _json_entry(path: str | Path, metadata: dict[str, str], key: str, default: str, kind: type, allowed: str) -> Any:

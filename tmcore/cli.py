@@ -106,11 +106,16 @@ def _device(text: str) -> str:
 
 
 def _input_file(text: str) -> str:
-    """An argparse type: an existing file (not a folder)."""
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory; allowed: a file")
-    if not os.path.isfile(text):
+    """An argparse type: an existing regular file (not a folder, a device, a pipe...)."""
+    from tmcore.api import not_a_regular_file
+
+    what = not_a_regular_file(text)
+    if what == "does not exist":
         raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    if what == "is a folder":
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; allowed: a file")
+    if what:
+        raise argparse.ArgumentTypeError(f"{text!r} {what}; allowed: a regular file")
     return text
 
 
@@ -271,12 +276,19 @@ def parse_reducer_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     if not name.isidentifier():
         raise CliError(f"--reducer {spec!r}: expected NAME[:KEY=VALUE[,VALUE...][;KEY=...]], e.g. tome:r=8,13")
     settings: list[dict[str, Any]] = [{}]
+    seen: set[str] = set()
     for item in filter(None, _split_top(rest, ";")):
         key, eq, values = item.partition("=")
-        if not eq or not key.strip().isidentifier() or not values:
+        key = key.strip()
+        if not eq or not key.isidentifier() or not values:
             raise CliError(f"--reducer {spec!r}: {item!r} is not KEY=VALUE[,VALUE...]")
+        if key in seen:  # the later value would silently win
+            raise CliError(
+                f"--reducer {spec!r}: key {key!r} is given twice; allowed: each key once, several values as {key}=V1,V2"
+            )
+        seen.add(key)
         options = [_value(v.strip()) for v in _split_top(values, ",")]
-        settings = [{**s, key.strip(): v} for s in settings for v in options]
+        settings = [{**s, key: v} for s in settings for v in options]
     return [(name, s) for s in settings]
 
 
@@ -365,19 +377,69 @@ def _create_timm(timm: Any, name: str, pretrained: bool, checkpoint: str | None)
 
 def _load_hf(path: Path) -> Any:
     """The model class named by the directory's config (``architectures``: the task head it was
-    saved with), else the bare ``AutoModel``; local files only."""
+    saved with), else the bare ``AutoModel``; local files only, and never code from the folder."""
     try:
         import transformers
     except ImportError as exc:
         raise CliError(f"--model {path}: a transformers directory needs transformers installed") from exc
+    for name in ("config.json", "tokenizer_config.json"):  # before anything loads: `_tokenize` reads the latter
+        _refuse_custom_code(path, name)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        cls = cls or transformers.AutoModel
-        return cls.from_pretrained(str(path), local_files_only=True).eval()
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        cls = _model_class(transformers, path, getattr(config, "architectures", None))
+        return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False).eval()
     except (OSError, ValueError) as exc:  # a broken config.json or weights file
         raise CliError(f"--model {str(path)!r}: transformers could not load it ({_one_line(exc)})") from None
+
+
+def _refuse_custom_code(path: Path, name: str) -> None:
+    """Refuse a folder whose ``name`` (config.json, tokenizer_config.json) asks transformers for
+    the folder's own Python code (``auto_map``) or names a model type it does not ship:
+    transformers would offer to run that code, and an answer on stdin would run it."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    file = path / name
+    if not file.exists():
+        return  # transformers reports a missing config.json; a tokenizer file is optional
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CliError(f"--model {str(path)!r}: cannot read {name} ({_one_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise CliError(f"--model {str(path)!r}: {name} holds a JSON {type(config).__name__}; allowed: an object")
+    never = "tmcore never runs code from a model folder"
+    if "auto_map" in config:
+        raise CliError(f"--model {str(path)!r}: {name} maps classes to the folder's own code (auto_map); {never}")
+    model_type = config.get("model_type")
+    if (
+        name == "config.json"
+        and model_type is not None
+        and not (isinstance(model_type, str) and model_type in CONFIG_MAPPING)
+    ):
+        raise CliError(
+            f"--model {str(path)!r}: {name} model_type {model_type!r} is not one transformers "
+            f"{transformers.__version__} knows, so loading it would need the folder's own code; {never}"
+        )
+
+
+def _model_class(transformers: Any, path: Path, architectures: Any) -> Any:
+    """The transformers model class named first in the config's ``architectures``, or ``AutoModel``
+    without one; any other name (a function such as ``pipeline``, a class of another library) is
+    refused rather than called."""
+    if not architectures:
+        return transformers.AutoModel
+    arch = architectures[0] if isinstance(architectures, (list, tuple)) else architectures
+    try:
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+    except (ImportError, RuntimeError):  # a lazy import of a class whose own dependencies are missing
+        cls = None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    raise CliError(
+        f"--model {str(path)!r}: config.json architectures names {arch!r}, which is not a transformers model "
+        f"class; allowed: a transformers model class such as BertForSequenceClassification, or none to use AutoModel"
+    )
 
 
 def _read_texts(path: str | None) -> list[str]:
@@ -400,7 +462,7 @@ def _tokenize(spec: str, texts: list[str], device: str) -> dict[str, Any]:
 
     path = spec.partition(":")[2] if spec.startswith("hf:") else spec
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise CliError(f"--model {spec!r}: a text model needs its tokenizer in the directory ({exc})") from None
     tokenizer.padding_side = "right"
@@ -743,12 +805,13 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def _cmd_new_plugin(args: argparse.Namespace) -> int:
-    from tmcore.scaffold import new_plugin
+    from tmcore.scaffold import new_plugin, registry_name
 
-    path = new_plugin(args.name, args.dir, adapter=args.adapter)
+    name = registry_name(args.name)  # tm-my-method, as people pip install it, is my_method
+    path = new_plugin(name, args.dir, adapter=args.adapter)
     kind = "adapter" if args.adapter else "reducer"
     print(
-        f"wrote {path}/: the {kind} plugin {args.name!r}. Next:\n"
+        f"wrote {path}/: the {kind} plugin {name!r} (distribution {path.name}). Next:\n"
         f"  pip install -e '{path}[test]'   # install it (editable) with its test dependencies\n"
         f"  pytest {path}                    # its tests, tmcore's conformance suite among them\n"
         f"  then replace the parts marked REPLACE; {path / 'README.md'} says how to publish it"
@@ -864,9 +927,13 @@ def _parser() -> argparse.ArgumentParser:
         "new-plugin",
         help="write a new reducer (or --adapter) plugin distribution that passes tmcore's conformance suite",
     )
-    n.add_argument("name", metavar="NAME", help="its registry name, a lowercase identifier (e.g. my_method)")
+    n.add_argument(
+        "name",
+        metavar="NAME",
+        help="its registry name, a lowercase identifier (e.g. my_method), or its distribution name (tm-my-method)",
+    )
     n.add_argument("--adapter", action="store_true", help="an adapter for a backbone family instead of a reducer")
-    n.add_argument("--dir", default=".", metavar="DIR", help="where to write tm-NAME/ (default: the current folder)")
+    n.add_argument("--dir", default=".", metavar="DIR", help="where its folder (tm-my-method/) goes (default: .)")
     n.set_defaults(func=_cmd_new_plugin)
     return parser
 

@@ -75,7 +75,10 @@ def image_folder(root: str | Path, model: nn.Module) -> Dataset:
 
 def read_image(path: str, what: str = "--data") -> Any:
     """The decoded PIL image at ``path``; a file PIL cannot read is one `TmcoreError` naming
-    ``what`` (the option or argument it came from) and the file."""
+    ``what`` (the option or argument it came from) and the file. A 16-bit greyscale image comes
+    back scaled to 8 bits (mode ``L``): PIL's own conversion clips it, turning nearly every pixel
+    white. An image whose range of values is unknown (32-bit float, 32-bit integers beyond 16 bits)
+    is refused rather than guessed at."""
     from PIL import Image
 
     try:
@@ -83,6 +86,34 @@ def read_image(path: str, what: str = "--data") -> Any:
         image.load()
     except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError, a truncated file
         raise TmcoreError(f"{what}: {path!r} is not a readable image ({exc})") from None
+    return _to_8_bit(image, path, what)
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_8_bit(image: Any, path: str, what: str) -> Any:
+    """``image`` with 8-bit bands: as it is when they already are, a 16-bit greyscale image
+    scaled (0..65535 -> 0..255), or a `TmcoreError`."""
+    import numpy as np
+    from PIL import Image, ImageMode
+
+    mode = image.mode
+    allowed = "allowed: an 8-bit image (greyscale, RGB, palette...) or a 16-bit greyscale one"
+    if mode in _SIXTEEN_BIT or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > 65535:  # mode I is 32-bit: only values that fit 16 bits have a known range
+            raise TmcoreError(
+                f"{what}: {path!r} has mode {mode!r} with values {low}..{high}, beyond 16 bits; {allowed}"
+            )
+        return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8))
+    try:
+        known = ImageMode.getmode(mode).typestr[-2:] in ("u1", "b1")  # 8-bit bands, or 1-bit
+    except KeyError:  # a mode PIL decodes but does not describe
+        known = False
+    if not known:
+        raise TmcoreError(f"{what}: {path!r} has mode {mode!r}, whose range of values is unknown; {allowed}")
     return image
 
 

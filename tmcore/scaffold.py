@@ -28,7 +28,7 @@ from tmcore.errors import TmcoreError
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-__all__ = ["ScaffoldError", "new_plugin", "check_name", "dist_name", "KINDS", "MAX_NAME_LENGTH"]
+__all__ = ["ScaffoldError", "new_plugin", "check_name", "registry_name", "dist_name", "KINDS", "MAX_NAME_LENGTH"]
 
 KINDS = ("reducer", "adapter")
 MAX_NAME_LENGTH = 32
@@ -51,8 +51,21 @@ def check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
         raise ScaffoldError(
             f"name {name!r}: allowed: a lowercase identifier, [a-z][a-z0-9_]*, at most {MAX_NAME_LENGTH} "
-            "characters, e.g. my_method (it is the name users pass to tmcore.apply)"
+            "characters, e.g. my_method (it is the name users pass to tmcore.apply), or the distribution "
+            "name tm-my-method"
         )
+
+
+def registry_name(name: str) -> str:
+    """The registry name of a plugin given by it (``my_method``) or by its distribution name
+    (``tm-my-method``, what users ``pip install``); `ScaffoldError` naming ``name`` as given when
+    it is neither."""
+    if isinstance(name, str) and name.startswith("tm-"):
+        stem = name[3:].replace("-", "_")
+        if _NAME.fullmatch(stem) and len(stem) <= MAX_NAME_LENGTH:
+            return stem
+    check_name(name)  # refused as typed: a distribution name, with its "-", is never an identifier
+    return name
 
 
 def dist_name(name: str) -> str:
@@ -157,7 +170,8 @@ def new_plugin(name: str, directory: str | Path = ".", adapter: bool = False) ->
     ``tm_NAME/model.py``, with the adapter conformance suite. Both pass their tests as written.
 
     Args:
-        name: the registry name: a lowercase identifier, not registered by an installed plugin.
+        name: the registry name, a lowercase identifier not registered by an installed plugin, or
+            its distribution name: ``tm-my-method`` for ``my_method``.
         directory: where the plugin folder goes (created if missing).
         adapter: write an adapter instead of a reducer.
 
@@ -167,7 +181,7 @@ def new_plugin(name: str, directory: str | Path = ".", adapter: bool = False) ->
     Raises:
         ScaffoldError: the name is malformed or taken, the folder exists, or it cannot be written.
     """
-    check_name(name)
+    name = registry_name(name)
     kind = "adapter" if adapter else "reducer"
     directory = Path(directory)
     target = directory / dist_name(name)

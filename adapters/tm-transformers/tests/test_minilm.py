@@ -43,8 +43,8 @@ def _sentences() -> list[str]:
 def setup() -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor]:
     """The model, the 200 sentences tokenized (right padding) and their unreduced embeddings."""
     path = minilm.get_model_path()
-    tokenizer = tf.AutoTokenizer.from_pretrained(path)
-    model = tf.BertModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = tf.BertModel.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False).eval()
     batch = tokenizer(_sentences(), padding=True, truncation=True, max_length=128, return_tensors="pt")
     assert tokenizer.padding_side == "right" and len(batch["input_ids"]) == 200
     return model, dict(batch), _embed(model, dict(batch))
@@ -89,7 +89,7 @@ def test_padded_batch_equals_each_sentence_alone(setup):
     sentences of different lengths gives each one its unpadded embedding and token counts, and
     no padding token joins a real token's group."""
     batch = setup[1]
-    model = tf.BertModel.from_pretrained(minilm.get_model_path()).double().eval()
+    model = tf.BertModel.from_pretrained(minilm.get_model_path(), trust_remote_code=False).double().eval()
     order = batch["attention_mask"].sum(1).argsort(descending=True)
     pick = order[torch.linspace(0, 199, 8).long()]  # longest to shortest
     n = int(batch["attention_mask"][pick].sum(1).max())
