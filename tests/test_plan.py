@@ -1,4 +1,4 @@
-"""Property tests of the Plan ops and bipartite soft matching (ALGORITHMS.md section 9)."""
+"""Property tests of the Plan ops and bipartite soft matching (docs/algorithms.md section 9)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def real_tokens(valid: Tensor, num_protected: int) -> Tensor:
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, valid: Tensor | None = None) -> Plan:
-    """ToMe's bipartite soft matching (ALGORITHMS 1.3) with ``p`` protected prefix tokens.
+    """ToMe's bipartite soft matching (docs/algorithms.md 1.3) with ``p`` protected prefix tokens.
 
     Tokens split by position parity into A (even) and B (odd); every A token finds its most
     similar B token (cosine); the ``r`` A tokens with the best matches merge into their partner.

@@ -161,7 +161,7 @@ def reduce(x: Tensor, plan: Plan, mode: ReduceMode = "sum") -> Tensor:
 
 
 def merge_weighted(x: Tensor, plan: Plan, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Weighted average of every merged group (ToMe's ``merge_wavg``, ALGORITHMS 1.4).
+    """Weighted average of every merged group (ToMe's ``merge_wavg``, docs/algorithms.md 1.4).
 
     Args:
         x: ``[B, N, C]`` features.

@@ -1,4 +1,4 @@
-"""Per-layer reduction schedules: ToMe's ``r`` forms (ALGORITHMS 1.8) and their validation."""
+"""Per-layer reduction schedules: ToMe's ``r`` forms (docs/algorithms.md 1.8) and their validation."""
 
 from __future__ import annotations
 

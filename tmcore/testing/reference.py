@@ -1,5 +1,5 @@
 """Building blocks for reference tests: the seed repositories' structure, written from
-ALGORITHMS.md, to check a reducer's model output against.
+docs/algorithms.md, to check a reducer's model output against.
 
 The seeds patch a timm-0.4 ``Block`` with an explicit softmax attention (``+ log(size)`` per key
 when proportional attention is on), reduce the residual stream between attention and MLP, and
@@ -22,7 +22,7 @@ Merge = Callable[..., Tensor]
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool, distill_token: bool) -> Merge:
-    """ToMe's bipartite soft matching (ALGORITHMS.md 1.3) in the seeds' structure, shared by the
+    """ToMe's bipartite soft matching (docs/algorithms.md 1.3) in the seeds' structure, shared by the
     ToMe, ToMeCIS and PPT references (all three seeds copy ToMe's ``merge.py``): indices computed
     once under ``no_grad``, applied to anything by the returned ``merge(x, mode)``.
 
@@ -62,7 +62,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool, distill_t
 
 
 def merge_wavg(merge: Merge, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The seeds' size-weighted average (ALGORITHMS.md 1.4): ``merge(x * size) / merge(size)``.
+    """The seeds' size-weighted average (docs/algorithms.md 1.4): ``merge(x * size) / merge(size)``.
 
     Args:
         merge: one layer's merge closure; x: ``[B, N, C]``; size: ``[B, N, 1]`` or ``None`` (ones).

@@ -77,7 +77,7 @@ def test_trace_counts_vit_base_decreasing_schedule():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_proportional_attention_equals_duplicated_keys(fused):
-    """A token of size s receives the attention of s copies of its key (ALGORITHMS 1.5, 9.7)."""
+    """A token of size s receives the attention of s copies of its key (docs/algorithms.md 1.5, 9.7)."""
     from timm.layers import Attention
 
     torch.manual_seed(0)

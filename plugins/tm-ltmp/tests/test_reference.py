@@ -1,4 +1,4 @@
-"""LTMP against a reference written from ALGORITHMS.md 4.3-4.7 in the original's structure:
+"""LTMP against a reference written from docs/algorithms.md 4.3-4.7 in the original's structure:
 an explicit attention returning (output, head-mean keys, column-mean importance with CLS = inf),
 then per block either the masked training step (parity split, straight-through masks, scatter
 into B, dead tokens keep their slots) or the inference step at batch size 1 (boolean selection

@@ -1,4 +1,4 @@
-"""`fit`: LTMP's short fine-tuning run of the thresholds alone (ALGORITHMS.md 4.6)."""
+"""`fit`: LTMP's short fine-tuning run of the thresholds alone (docs/algorithms.md 4.6)."""
 
 from __future__ import annotations
 

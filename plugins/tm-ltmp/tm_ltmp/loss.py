@@ -1,4 +1,4 @@
-"""LTMP's training objective (ALGORITHMS.md 4.6): cross-entropy plus a FLOPs-target penalty."""
+"""LTMP's training objective (docs/algorithms.md 4.6): cross-entropy plus a FLOPs-target penalty."""
 
 from __future__ import annotations
 

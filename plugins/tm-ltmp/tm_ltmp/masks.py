@@ -1,4 +1,4 @@
-"""LTMP's scores and threshold masks (ALGORITHMS.md 4.2, 4.3) as small pure tensor functions.
+"""LTMP's scores and threshold masks (docs/algorithms.md 4.2, 4.3) as small pure tensor functions.
 
 Conventions: ``B`` batch, ``N`` tokens, ``p`` protected prefix tokens, ``Na = ceil(N / 2)``
 even-position tokens (set A, merge sources), ``Nb = floor(N / 2)`` odd-position tokens (set B,

@@ -1,4 +1,4 @@
-"""LTMP (ALGORITHMS.md section 4): learned merge and prune thresholds per block.
+"""LTMP (docs/algorithms.md section 4): learned merge and prune thresholds per block.
 
 Training mode (``model.train()``) is `LTMP.soft_step`: nothing is removed; straight-through
 threshold masks switch tokens off in a keep-mask that the adapter applies inside attention

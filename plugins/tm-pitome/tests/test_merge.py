@@ -1,4 +1,4 @@
-"""Properties of the pure functions (ALGORITHMS.md section 9) on random, tie-rich inputs."""
+"""Properties of the pure functions (docs/algorithms.md section 9) on random, tie-rich inputs."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_batch_equals_samples(case, variant, data):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_identical_tokens_still_remove_exactly_r(variant):
-    """ALGORITHMS 9.10: with all energies equal the procedure still removes exactly r."""
+    """docs/algorithms.md 9.10: with all energies equal the procedure still removes exactly r."""
     metric = torch.ones(2, 21, 4, dtype=torch.float64)
     x = torch.randn(2, 21, 3, dtype=torch.float64)
     r = merge_count(20, 0.6)
@@ -94,7 +94,7 @@ def test_merging_equal_tokens_returns_them_unchanged():
 
 
 def test_energies_follow_the_formulas():
-    """Elementwise definitions of ALGORITHMS 3.2, the mean running over all T tokens incl. self."""
+    """Elementwise definitions of docs/algorithms.md 3.2, the mean running over all T tokens incl. self."""
     gen = torch.Generator().manual_seed(0)
     metric = torch.randn(2, 9, 5, generator=gen, dtype=torch.float64)
     sim = similarity(metric)
@@ -110,7 +110,7 @@ def test_energies_follow_the_formulas():
 
 
 def test_output_orders():
-    """Hand-made similarities and energy order: the orders the original produces (ALGORITHMS 3.3)."""
+    """Hand-made similarities and energy order: the orders the original produces (docs/algorithms.md 3.3)."""
     sim = torch.eye(6, dtype=torch.float64).unsqueeze(0)  # 6 tokens after 1 class token
     order = torch.tensor([[3, 5, 1, 0, 4, 2]])  # descending energy
     for i, j, s in [(3, 0, 0.9), (3, 1, 0.95), (1, 5, 0.5), (5, 0, 0.2)]:

@@ -14,7 +14,7 @@ from tmcore import InvalidConfigError, ModelInfo, TmcoreError
 from tmcore.state import LayerInputs, TokenState
 from tmcore.testing import tiny_timm_models
 
-# ALGORITHMS.md 3.4: DeiT, 196 patches + CLS, 12 blocks
+# docs/algorithms.md 3.4: DeiT, 196 patches + CLS, 12 blocks
 DEIT_COUNTS = {
     0.975: [197, 193, 189, 185, 181, 177, 173, 169, 165, 161, 157, 154, 151],
     0.95: [197, 188, 179, 171, 163, 155, 148, 141, 134, 128, 122, 116, 111],

@@ -1,4 +1,4 @@
-"""PiToMe against a reference written from ALGORITHMS.md 3.2-3.6 in the original's structure:
+"""PiToMe against a reference written from docs/algorithms.md 3.2-3.6 in the original's structure:
 strip the prefix, energy on the rest, a ``merge(x, mode)`` closure that gathers protected / A / B
 rows, scatters A into B and re-attaches the prefix, ``merge_wavg`` with carried sizes, and an
 explicit-softmax DeiT forward. Two deliberate differences, both documented in the README: the

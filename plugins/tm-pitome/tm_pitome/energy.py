@@ -1,4 +1,4 @@
-"""PiToMe's energy score (ALGORITHMS.md 3.2): how crowded each token's neighbourhood is.
+"""PiToMe's energy score (docs/algorithms.md 3.2): how crowded each token's neighbourhood is.
 
 A token in a large cluster of mutually similar tokens has high energy and becomes a merge
 candidate; an isolated, distinctive token has low energy and is kept. All functions are pure,

@@ -1,4 +1,4 @@
-"""PiToMe's merge procedures (ALGORITHMS.md 3.3) as tmcore Plans.
+"""PiToMe's merge procedures (docs/algorithms.md 3.3) as tmcore Plans.
 
 Every function takes the similarity ``sim [B, T, T]`` and the energy order ``order [B, T]`` of
 the ``T`` non-protected tokens and returns a Plan over all ``N = p + T`` tokens: the ``p``
@@ -57,7 +57,7 @@ def merge_count(num_tokens: int, ratio: float) -> int:
     """Tokens one block removes: ``r = floor(T - T * ratio)`` for ``T`` non-protected tokens.
 
     Computed exactly as the original does (in floating point), so ``T - r`` is ``ratio * T``
-    rounded up, and the per-block counts match its tables (ALGORITHMS.md 3.4).
+    rounded up, and the per-block counts match its tables (docs/algorithms.md 3.4).
     """
     return math.floor(num_tokens - num_tokens * ratio)
 
@@ -147,7 +147,7 @@ def _paired_plan(sim: Tensor, a: Tensor, b: Tensor, rest: Tensor, p: int) -> Pla
 
 
 def pitome_plan(sim: Tensor, order: Tensor, r: int, num_protected: int = 0) -> Plan:
-    """``pitome``, the paper's procedure (ALGORITHMS.md 3.3 a).
+    """``pitome``, the paper's procedure (docs/algorithms.md 3.3 a).
 
     The ``2r`` highest-energy tokens are candidates; by energy rank they alternate A, B, A, B...
     Each A token merges into its most similar B token; the other ``T - 2r`` tokens are protected.
@@ -183,7 +183,7 @@ def pitome_text_plan(sim: Tensor, order: Tensor, r: int, num_protected: int = 0)
 
 
 def pitome_bsm_plan(sim: Tensor, order: Tensor, r: int, num_protected: int = 0) -> Plan:
-    """``pitome_bsm``: ToMe's bipartite soft matching on energy-ordered tokens (ALGORITHMS.md 3.3 b).
+    """``pitome_bsm``: ToMe's bipartite soft matching on energy-ordered tokens (docs/algorithms.md 3.3 b).
 
     By energy rank tokens alternate A, B, A, B... over all ``T`` tokens; each A token finds its
     most similar B token; the ``r`` A tokens with the best matches merge, the others stay.

@@ -1,4 +1,4 @@
-"""PiToMe (ALGORITHMS.md section 3): energy-ranked token merging with per-layer procedures.
+"""PiToMe (docs/algorithms.md section 3): energy-ranked token merging with per-layer procedures.
 
 Config and defaults live here; the method itself is `tm_pitome.energy` and `tm_pitome.merge`.
 Defaults follow the original's patch for the model's family (see `PiToMe.setup`).

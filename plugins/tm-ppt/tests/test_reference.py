@@ -1,4 +1,4 @@
-"""PPT against a reference written from ALGORITHMS.md 1.3-1.5 and 6.2-6.3 in the structure of the
+"""PPT against a reference written from docs/algorithms.md 1.3-1.5 and 6.2-6.3 in the structure of the
 original ``ppt_deit.py`` (ATS significance from the CLS attention row and C-dim value norms, a
 per-image variance test, ToMe pooling on one sub-batch and top-score pruning on the other, both
 written back at their batch positions), compared in float64.
@@ -27,7 +27,7 @@ TOL = {"rtol": 1e-9, "atol": 1e-9}
 
 
 def reference_scores(attn, values, protected):
-    """ATS significance (ALGORITHMS.md 6.2): the prefix gets 2.0, patches are normalised to sum 1."""
+    """ATS significance (docs/algorithms.md 6.2): the prefix gets 2.0, patches are normalised to sum 1."""
     b, h, n, d = values.shape
     # The value norm is taken over all heads concatenated (C-dim), as in ATS, not the head mean.
     v_norm = values.transpose(1, 2).reshape(b, n, h * d).norm(p=2, dim=-1)

@@ -1,4 +1,4 @@
-"""PPT (ALGORITHMS.md section 6): at a few chosen blocks every image removes ``r`` tokens, either
+"""PPT (docs/algorithms.md section 6): at a few chosen blocks every image removes ``r`` tokens, either
 by pooling (ToMe's bipartite merging, sizes summed) or by pruning (keeping its most significant
 tokens), whichever its significance scores call for: evenly spread attention (low variance) means
 duplicated content, so pool; a few dominant tokens (high variance) mean inattentive ones, so prune.

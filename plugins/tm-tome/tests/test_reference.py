@@ -1,4 +1,4 @@
-"""ToMe against a reference written from ALGORITHMS.md 1.3-1.5 in the original's structure
+"""ToMe against a reference written from docs/algorithms.md 1.3-1.5 in the original's structure
 (parity split, gather unmerged / sources, scatter into B, concatenate; explicit softmax attention
 with ``+ log(size)``). Tie-breaking is the one deliberate difference: both sort stably here."""
 

@@ -1,4 +1,4 @@
-"""ToMe (ALGORITHMS.md section 2): bipartite soft matching on head-mean keys, size-weighted
+"""ToMe (docs/algorithms.md section 2): bipartite soft matching on head-mean keys, size-weighted
 merging, proportional attention. The whole method is `ToMe.match`; the rest is tmcore's."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ToMeCIS against a reference written from ALGORITHMS.md 1.3-1.5 and 5.2 in the original's
+"""ToMeCIS against a reference written from docs/algorithms.md 1.3-1.5 and 5.2 in the original's
 structure: ToMe's parity-split matching closure on head-mean keys, features averaged with the class
 importance score ``mean_h A[h, 0, j] * ||mean_h V[h, j]||`` instead of sizes, sizes still summed for
 proportional attention. Tie-breaking is the one deliberate difference: both sort stably here."""
@@ -18,7 +18,7 @@ TOL = {"rtol": 1e-9, "atol": 1e-9}
 
 
 def class_importance(attn, values):
-    """ALGORITHMS 5.2: CLS attention row times the norm of the head-averaged value, ``[B, N, 1]``."""
+    """docs/algorithms.md 5.2: CLS attention row times the norm of the head-averaged value, ``[B, N, 1]``."""
     cls_attn = attn[:, :, 0, :].mean(dim=1)
     value_norm = values.mean(dim=1).norm(dim=-1)
     return (cls_attn * value_norm)[..., None]

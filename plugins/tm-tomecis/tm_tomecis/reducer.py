@@ -1,4 +1,4 @@
-"""ToMeCIS (ALGORITHMS.md section 5): ToMe's bipartite soft matching and schedule, with every
+"""ToMeCIS (docs/algorithms.md section 5): ToMe's bipartite soft matching and schedule, with every
 merged group averaged by class importance (the class token's attention to a token times the norm
 of its value vector) instead of by size. Sizes are still summed for proportional attention.
 The method is `class_importance` and `ToMeCIS.match`; matching and merging are tmcore's."""
