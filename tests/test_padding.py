@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tmcore import BaseReducer, ModelInfo, Plan, ReducerConfig, Runtime, TmcoreError
 from tmcore.inputs import split_samples
-from tmcore.matching import bipartite_soft_matching, max_bipartite_r, prune_lowest
+from tmcore.matching import bipartite_soft_matching, max_bipartite_r, prune_lowest, prune_lowest_in_order
 from tmcore.plan import destinations, pack, select
 from tmcore.pooling import mean_pool
 from tmcore.testing import assert_padded_equals_unpadded, right_padding
@@ -24,9 +24,13 @@ def padded_cases(draw: st.DrawFn, max_tokens: int = 30) -> tuple[torch.Tensor, t
     n = draw(st.integers(p + 2, max_tokens))
     lengths = [n] + draw(st.lists(st.integers(p + 1, n), min_size=1, max_size=3))
     r = draw(st.integers(0, max_bipartite_r(n, p)))
-    seed = draw(st.integers(0, 2**16))
+    return _case(p, lengths, r, draw(st.integers(0, 2**16)), ties=draw(st.booleans()))
+
+
+def _case(p: int, lengths: list[int], r: int, seed: int, ties: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    n = lengths[0]
     x = torch.randn(len(lengths), n, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    if draw(st.booleans()):  # exact ties
+    if ties:  # exact ties: every third token a copy of the first
         x[:, 1::3] = x[:, :1]
     return x, right_padding(lengths, n), r, p
 
@@ -37,6 +41,10 @@ def _alone(r: int, p: int):
 
 
 @given(padded_cases())
+# Exact ties whose similarities a matmul rounded 1 ulp apart in the padded batch and alone, so
+# that the ties went one way padded and the other alone (fixed by tmcore.matching.rank_key)
+@example(_case(2, [25, 20, 20], 6, 36058, ties=True))
+@example(_case(0, [27, 3, 14, 20], 7, 30729, ties=True))
 def test_bipartite_matching_on_a_padded_batch_equals_each_sample_alone(case):
     x, valid, r, p = case
     cap = _alone(r, p)
@@ -46,6 +54,7 @@ def test_bipartite_matching_on_a_padded_batch_equals_each_sample_alone(case):
 
 
 @given(padded_cases())
+@example(_case(2, [25, 20, 20], 6, 36058, ties=True))
 def test_pruning_on_a_padded_batch_equals_each_sample_alone(case):
     x, valid, r, p = case
     cap = _alone(r, p)
@@ -165,3 +174,31 @@ def test_split_samples_cuts_each_samples_padding():
     one, two = split_samples(inputs)
     assert one["input_ids"].tolist() == [[0, 1, 2, 3]]
     assert two["input_ids"].tolist() == [[4, 5]] and two["attention_mask"].tolist() == [[1, 1]]
+
+
+@pytest.mark.parametrize("p", [0, 1, 2])
+def test_exact_ties_go_by_position_alone_in_a_batch_and_padded(p):
+    """Identical tokens (every similarity and every score equal): ToMe's matching merges the
+    first ``r`` A tokens into the first B token, pruning keeps the earliest tokens, and the
+    lowest-first pruning drops the earliest: by position, padded and in a batch as alone,
+    although the matmul rounds the equal similarities differently by where they fall."""
+    n, r = 23, 5
+    x = torch.randn(1, 1, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64).expand(3, n, 6)
+    valid = right_padding([n, 17, 12], n)
+    for v in (None, valid):
+        plan = bipartite_soft_matching(x, r, p, v)
+        dest = destinations(plan)
+        for i, n_i in enumerate([n, 17, 12] if v is not None else [n] * 3):
+            a_first = [2 * j for j in range((p + 1) // 2, (p + 1) // 2 + min(r, (n_i - p) // 2))]
+            merged = [
+                t for t in range(p, n_i) if t not in plan.keep[i, : int(plan.valid[i].sum()) if v is not None else None]
+            ]
+            assert merged == a_first, (p, i, merged)
+            target = dest[i, 2 * (p // 2) + 1]  # the first unprotected B token's slot
+            assert (dest[i, a_first] == target).all()
+    score = torch.full((3, n), 0.25, dtype=torch.float64)
+    for v in (None, valid):
+        kept = prune_lowest(score, r, p, v).keep
+        assert kept[0, : n - r].tolist() == list(range(n - r))  # the earliest, in position order
+    dropped = prune_lowest_in_order(score, r, p).keep
+    assert dropped[0].tolist() == list(range(p)) + list(range(p + r, n))  # the earliest went first

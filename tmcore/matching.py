@@ -1,5 +1,9 @@
 """Decision primitives shared by reducers: ToMe's bipartite soft matching, and keeping the
-highest-scoring tokens (the pruning half of PPT, EViT-style top-k)."""
+highest-scoring tokens (the pruning half of PPT, EViT-style top-k).
+
+Ties: every sort, top-k and arg-max here (and in the plugins' own matching) compares scores
+through `rank_key` and is stable, so equal scores are decided by position, the same in any batch
+and whatever the padding (`best_partner`: each row's best column, the first on ties)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,60 @@ __all__ = [
     "prune_lowest",
     "prune_lowest_in_order",
     "real_tokens",
+    "rank_key",
+    "best_partner",
+    "TIE_STEP",
 ]
+
+
+TIE_STEP = 2.0**-44
+"""How far apart `rank_key` sets float64 scores of neighbouring positions (absolute)."""
+
+
+def rank_key(score: Tensor, dim: int = -1, descending: bool = True) -> Tensor:
+    """``score`` as sorts, arg-maxes and top-k compare it, so that ties go by position in any
+    batch and whatever the padding.
+
+    The same score computed for a sample alone and in a padded batch can come out a rounding
+    error apart, and so can the scores of two identical tokens in one call: a matmul rounds by
+    its tiling, which depends on the shape and on where an entry falls in it. That would let the
+    padding, or the rest of the batch, break an exact tie either way. Float64 scores (the
+    precision in which a sample gives exactly its result alone; the conformance suite runs in
+    it) are therefore moved by ``TIE_STEP`` (6e-14) per position along ``dim``, down for a
+    descending order (an earlier position wins a tie) and up for an ascending one: far more
+    than the rounding errors (1e-16 to 1e-15) and far less than any real difference between
+    scores (the largest shift, 1e-11 at 200 tokens). Other dtypes come back unchanged: in
+    float32 and below a sample's tokens themselves carry its batch's rounding, and integer sort
+    keys are exact.
+
+    Args:
+        score: any shape; ``-inf`` / ``inf`` entries stay as they are.
+        dim: the axis that is sorted or searched.
+        descending: the order the caller takes (``False`` for lowest-first).
+
+    Returns:
+        A tensor of ``score``'s shape and dtype, only to compare (not a score to use).
+    """
+    if score.dtype != torch.float64:
+        return score
+    n = score.shape[dim]
+    shape = [1] * score.dim()
+    shape[dim] = n
+    step = torch.arange(n, device=score.device, dtype=score.dtype).mul_(TIE_STEP).view(shape)
+    return score - step if descending else score + step
+
+
+def best_partner(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's best column, the first on ties (`rank_key`).
+
+    Args:
+        scores: ``[..., Na, Nb]`` pair scores (``-inf`` for pairs that may not match).
+
+    Returns:
+        ``([..., Na] best score, [..., Na] long its column)``; the score as given, unmoved.
+    """
+    idx = rank_key(scores).argmax(dim=-1)
+    return scores.gather(-1, idx.unsqueeze(-1)).squeeze(-1), idx
 
 
 def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
@@ -78,8 +135,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, vali
             scores[:, :p_a, :] = -math.inf
         if p_b:
             scores[:, :, :p_b] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)  # [B, n_a]
-        order = node_max.argsort(dim=-1, descending=True, stable=True)
+        node_max, node_idx = best_partner(scores)  # [B, n_a]
+        order = rank_key(node_max).argsort(dim=-1, descending=True, stable=True)
         src_a = order[:, :r]  # A indices that merge away
         unm_a = order[:, r:]
         if p:
@@ -121,8 +178,8 @@ def _bipartite_padded(metric: Tensor, r: int, p: int, valid: Tensor) -> Plan:
             scores[:, :p_a, :] = -math.inf
         if p_b:
             scores[:, :, :p_b] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
-        order = node_max.argsort(dim=-1, descending=True, stable=True)
+        node_max, node_idx = best_partner(scores)
+        order = rank_key(node_max).argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_a, device=device).expand(b, n_a))
         merges = rank < r_i.unsqueeze(1)  # [B, n_a]: the r_i best real A tokens of each sample
         a_real = valid[:, ::2]
@@ -174,7 +231,8 @@ def prune_lowest(score: Tensor, r: int, num_protected: int = 0, valid: Tensor | 
         if r > max_bipartite_r(n, p):
             raise ValueError(f"r={r} is outside [0, {max_bipartite_r(n, p)}] for a padded batch of {n} tokens")
         with torch.no_grad():
-            order = score[:, p:].masked_fill(~valid[:, p:], -math.inf).argsort(dim=-1, descending=True, stable=True)
+            ranked = rank_key(score[:, p:]).masked_fill(~valid[:, p:], -math.inf)
+            order = ranked.argsort(dim=-1, descending=True, stable=True)
             t = real_tokens(valid, p)
             keep_count = t - (t // 2).clamp(max=r)
             kept = torch.arange(n - p, device=score.device) < keep_count.unsqueeze(1)
@@ -184,7 +242,7 @@ def prune_lowest(score: Tensor, r: int, num_protected: int = 0, valid: Tensor | 
             drop = order[:, n - p - r :] + p
         return pack(candidates, kept, n, drop, torch.full_like(drop, -1), num_out=n - r)
     with torch.no_grad():
-        order = score[:, p:].argsort(dim=-1, descending=True, stable=True) + p
+        order = rank_key(score[:, p:]).argsort(dim=-1, descending=True, stable=True) + p
     prefix = torch.arange(p, device=score.device).expand(b, p)
     return Plan.prune(torch.cat([prefix, order[:, : n - p - r]], dim=1), n, drop=order[:, n - p - r :])
 
@@ -199,13 +257,12 @@ def prune_lowest_in_order(score: Tensor, r: int, num_protected: int = 0, valid: 
 
     Unlike `prune_lowest`, which outputs the kept tokens by descending score (the order PPT and
     EViT produce on purpose), survivors stay in input order: for random scores (tm-random) a
-    score order would be a random permutation, which nothing asks for. Only the ``r`` dropped
-    tokens are selected (``topk``); the survivors are compacted with a prefix sum, no sort.
+    score order would be a random permutation, which nothing asks for. The survivors are
+    compacted with a prefix sum.
 
     Args:
-        score: ``[B, N]`` per-token score, distinct among each sample's unprotected tokens (tm-random's
-            sort keys are), so the dropped set does not depend on how ``topk`` breaks ties; the
-            prefix's entries are ignored.
+        score: ``[B, N]`` per-token score (tm-random's integer sort keys); the prefix's entries
+            are ignored. Among equal scores, the earlier position is dropped first.
         r: tokens to drop, ``0 <= r <= max_prune_r(N, num_protected)``.
         num_protected: ``p``, the length of the protected prefix (always kept, in front).
         valid: ``[B, N]`` bool padding mask (real tokens first). Sample ``i`` then drops
@@ -224,18 +281,18 @@ def prune_lowest_in_order(score: Tensor, r: int, num_protected: int = 0, valid: 
     device = score.device
     prefix = torch.arange(p, device=device).expand(b, p)
     with torch.no_grad():
-        rest = score[:, p:]
+        rest = rank_key(score[:, p:], descending=False)
         if valid is None:
-            drop = rest.topk(r, dim=1, largest=False, sorted=False).indices  # [B, r]
+            drop = rest.argsort(dim=1, stable=True)[:, :r]  # [B, r], lowest first
             kept = torch.ones_like(rest, dtype=torch.bool).scatter_(1, drop, False)
             m = n - p - r
             slot = torch.where(kept, kept.cumsum(1) - 1, m)  # dropped tokens: a spare column m
             order = torch.arange(n - p, device=device).expand(b, n - p) + p
             keep = torch.zeros(b, m + 1, dtype=torch.long, device=device).scatter_(1, slot, order)[:, :m]
             return Plan.prune(torch.cat([prefix, keep], dim=1), n)
-        # padding scores highest, so a sample's r_i lowest are real (r_i < T_i)
-        rest = rest.masked_fill(~valid[:, p:], _highest(score.dtype))
-        drop = rest.topk(r, dim=1, largest=False, sorted=True).indices  # [B, r], lowest first
+        # padding scores highest and comes after the real tokens, so a sample's r_i lowest are real
+        rest = rest.masked_fill(~valid[:, p:], _highest(rest.dtype))
+        drop = rest.argsort(dim=1, stable=True)[:, :r]  # [B, r], lowest first
         t = real_tokens(valid, p)
         r_i = (t - 1).clamp(min=0, max=r)  # a sample of 0 real tokens drops none
         dropped = torch.zeros_like(rest, dtype=torch.bool).scatter_(

@@ -1,6 +1,6 @@
 """Hypothesis strategies for merge invariants: whole matching problems (`matching_cases`,
-`mixed_cases`) and the pieces a plugin's own property tests combine (`tokens`, `sizes`,
-`padding_masks`, `protected_prefixes`, `plans`)."""
+`mixed_cases`, `padded_batches`) and the pieces a plugin's own property tests combine (`tokens`,
+`sizes`, `padding_masks`, `protected_prefixes`, `plans`)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,23 @@ def mixed_cases(draw: st.DrawFn, max_batch: int = 4, max_tokens: int = 40, max_p
     take = torch.tensor(draw(st.lists(st.booleans(), min_size=b, max_size=b)))
     weight = torch.rand(b, n, 1, generator=gen, dtype=torch.float64) + 0.1
     return MixedCase(case=case, score=score, take_merge=take, weight=weight)
+
+
+@st.composite
+def padded_batches(
+    draw: st.DrawFn, num_tokens: int, min_length: int = 1, channels: int = 4, max_batch: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x [B, N, C], valid [B, N], size [B, N, 1])``: a right-padded batch of 1 to ``max_batch``
+    samples of random lengths (at least ``min_length``), float64 tokens, integer sizes, and in
+    about half the draws exact ties: every third token a copy of the first, so only position can
+    decide between them (in a batch and padded exactly as alone)."""
+    lengths = draw(st.lists(st.integers(min_length, num_tokens), min_size=1, max_size=max_batch), label="lengths")
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
+    x = torch.randn(len(lengths), num_tokens, channels, generator=gen, dtype=torch.float64)
+    if draw(st.booleans(), label="ties"):
+        x[:, 1::3] = x[:, :1]
+    size = torch.randint(1, 4, (len(lengths), num_tokens, 1), generator=gen).double()
+    return x, torch.arange(num_tokens) < torch.tensor(lengths).unsqueeze(1), size
 
 
 # -- building blocks: tensors a reducer sees, and plans it may return ------------------------------

@@ -17,6 +17,7 @@ from tmcore.testing.padding import (
     make_reducer,
     right_padding,
 )
+from tmcore.testing.strategies import padded_batches
 
 MODES = ["merge_prune", "prune_merge", "merge", "prune"]
 
@@ -47,12 +48,9 @@ def test_short_samples_equal_their_unpadded_plans(mode, p):
 )
 def test_padded_equals_unpadded(mode, p, merge, prune, data):
     n = data.draw(st.integers(max(p, 1), 28), label="n")
-    lengths = data.draw(st.lists(st.integers(max(p, 1), n), min_size=1, max_size=4), label="lengths")
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
-    size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
+    x, valid, size = data.draw(padded_batches(n, max(p, 1)), label="batch")
     red = _reducer(p, mode=mode, merge_threshold=merge, prune_threshold=prune)
-    assert_padded_equals_unpadded(block_matcher(red), x, right_padding(lengths, n), size)
+    assert_padded_equals_unpadded(block_matcher(red), x, valid, size)
 
 
 @pytest.mark.parametrize("mode", MODES)

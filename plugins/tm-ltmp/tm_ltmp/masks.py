@@ -13,6 +13,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from tmcore.matching import best_partner, rank_key
+
 __all__ = ["threshold_mask", "importance", "best_match", "output_order", "output_position", "concat_order"]
 
 
@@ -60,7 +62,7 @@ def importance(attn: Tensor, num_protected: int, valid: Tensor | None = None, ke
         imp = imp.masked_fill(~valid, -math.inf)
     protected = (torch.arange(n, device=attn.device) < num_protected).expand(b, n)
     if keep_top and n > num_protected:
-        top = imp.detach()[:, num_protected:].argmax(1, keepdim=True) + num_protected
+        top = rank_key(imp.detach()[:, num_protected:]).argmax(1, keepdim=True) + num_protected
         protected = protected.scatter(1, top, True)
     return imp.masked_fill(protected, math.inf)
 
@@ -105,7 +107,7 @@ def best_match(
     if valid is not None:
         blocked = blocked | ~(valid[:, ::2, None] & valid[:, None, 1::2])
     scores = scores.masked_fill(blocked, -math.inf)
-    return scores.max(dim=-1)
+    return best_partner(scores)
 
 
 @lru_cache(maxsize=64)

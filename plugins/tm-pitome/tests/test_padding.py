@@ -18,6 +18,7 @@ from tmcore.testing.padding import (
     block_matcher,
     right_padding,
 )
+from tmcore.testing.strategies import padded_batches
 
 PROCEDURES = ["pitome", "pitome_bsm", "pitome_text", "bsm"]
 
@@ -48,12 +49,9 @@ def test_short_samples_equal_their_unpadded_plans(variant, p, ratio):
 )
 def test_padded_equals_unpadded(variant, p, ratio, margin, data):
     n = data.draw(st.integers(p + 1, 30), label="n")
-    lengths = data.draw(st.lists(st.integers(max(p, 1), n), min_size=1, max_size=4), label="lengths")
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
-    size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
+    x, valid, size = data.draw(padded_batches(n, max(p, 1)), label="batch")
     red = _reducer(p, ratio=ratio, variant=variant, margin=margin, size_weighted=True)
-    assert_padded_equals_unpadded(block_matcher(red, keys_only=True), x, right_padding(lengths, n), size)
+    assert_padded_equals_unpadded(block_matcher(red, keys_only=True), x, valid, size)
 
 
 def test_plan_size_is_static_and_bounds_every_sample():

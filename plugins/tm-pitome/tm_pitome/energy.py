@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tmcore.matching import rank_key
+
 __all__ = ["similarity", "elu_energy", "gaussian_energy", "energy_order"]
 
 
@@ -88,11 +90,12 @@ def gaussian_energy(sim: Tensor, margin: float, valid: Tensor | None = None) -> 
 def energy_order(energy: Tensor, valid: Tensor | None = None) -> Tensor:
     """Token indices by descending energy, ``[B, T]`` long.
 
-    Stable: equal energies keep their current token order, so results are deterministic and the
-    same on every device (the original's unstable ``argsort`` leaves ties unspecified). With a
+    Stable, on `tmcore.matching.rank_key`: equal energies keep their current token order, so
+    results are deterministic, the same on every device and in any batch (the original's unstable
+    ``argsort`` leaves ties unspecified). With a
     padding mask ``valid`` ``[B, T]``, padding comes after every real token (energy ``-inf``;
     real energies are finite), so sample ``i``'s first ``T_i`` ranks are its order alone.
     """
     if valid is not None:
         energy = energy.masked_fill(~valid, -math.inf)
-    return torch.sort(energy, dim=-1, descending=True, stable=True).indices
+    return torch.sort(rank_key(energy), dim=-1, descending=True, stable=True).indices

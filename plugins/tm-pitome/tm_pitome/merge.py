@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tm_pitome.energy import elu_energy, energy_order, gaussian_energy, similarity
 from tmcore import Plan
-from tmcore.matching import bipartite_soft_matching
+from tmcore.matching import best_partner, bipartite_soft_matching, rank_key
 from tmcore.plan import pack
 
 __all__ = [
@@ -141,7 +141,7 @@ def _paired_plan(sim: Tensor, a: Tensor, b: Tensor, rest: Tensor, p: int) -> Pla
         Plan with output ``[prefix, rest, b]``; all ``r`` sources merge (no ranking step).
     """
     batch, t, _ = sim.shape
-    dst = _submatrix(sim, a, b).max(dim=-1).indices  # [B, r], first maximum on ties
+    dst = best_partner(_submatrix(sim, a, b))[1]  # [B, r], first maximum on ties
     keep = torch.cat([_prefix(batch, p, sim.device), rest + p, b + p], dim=1)
     return Plan(keep=keep, src=a + p, src_dst=dst + (p + rest.shape[1]), num_in=p + t)
 
@@ -199,8 +199,8 @@ def pitome_bsm_plan(sim: Tensor, order: Tensor, r: int, num_protected: int = 0) 
     batch, t, _ = sim.shape
     _check_r(r, (t + 1) // 2 if t >= 2 else 0, "pitome_bsm", t)
     a, b = order[:, 0::2], order[:, 1::2]
-    best, best_b = _submatrix(sim, a, b).max(dim=-1)  # [B, ceil(T/2)]
-    ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices  # stable: ties by energy rank
+    best, best_b = best_partner(_submatrix(sim, a, b))  # [B, ceil(T/2)]
+    ranked = torch.sort(rank_key(best), dim=-1, descending=True, stable=True).indices  # ties by energy rank
     src, unm = ranked[:, :r], ranked[:, r:]
     p = num_protected
     keep = torch.cat([_prefix(batch, p, sim.device), a.gather(1, unm) + p, b + p], dim=1)
@@ -252,7 +252,7 @@ def _paired_padded(sim: Tensor, order: Tensor, a: Tensor, b: Tensor, r: Tensor, 
     batch, t, _ = sim.shape
     p = valid.shape[1] - t
     pairs = torch.arange(a.shape[1], device=sim.device) < r.unsqueeze(1)  # [B, R]
-    dst = _submatrix(sim, a, b).masked_fill(~pairs.unsqueeze(1), -math.inf).max(dim=-1).indices
+    dst = best_partner(_submatrix(sim, a, b).masked_fill(~pairs.unsqueeze(1), -math.inf))[1]
     ranks = torch.arange(t, device=sim.device)
     rest = (ranks >= 2 * r.unsqueeze(1)) & (ranks < valid[:, p:].sum(1, keepdim=True))
     candidates = torch.cat([_prefix(batch, p, sim.device), order + p, b + p], dim=1)
@@ -276,7 +276,7 @@ def _ranked_padded(
         candidates laid out ``[prefix, Na A candidates, B tokens]`` (``-1``: no merge).
     """
     n_a = best.shape[1]
-    ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices  # ties: A order
+    ranked = torch.sort(rank_key(best), dim=-1, descending=True, stable=True).indices  # ties: A order
     merges = torch.arange(n_a, device=best.device) < r.unsqueeze(1)
     src = ranked[:, :width]
     target = torch.where(merges[:, :width], best_b.gather(1, src) + (p + n_a), -1)
@@ -309,7 +309,7 @@ def padded_plan(variant: str, sim: Tensor, order: Tensor, r: Tensor, valid: Tens
     a_real = a_rank < real
     b_real = a_rank[: b.shape[1]] + 1 < real
     scores = _submatrix(sim, a, b).masked_fill(~(a_real.unsqueeze(2) & b_real.unsqueeze(1)), -math.inf)
-    best, best_b = scores.max(dim=-1)
+    best, best_b = best_partner(scores)
     ranked, merges, src, target = _ranked_padded(best, best_b, a, r, p, width)
     a_kept = ~merges & a_real.gather(1, ranked)  # unmerged A tokens by descending match score
     candidates = torch.cat([_prefix(batch, p, sim.device), a.gather(1, ranked) + p, b + p], dim=1)
@@ -337,7 +337,7 @@ def bsm_plan_padded(metric: Tensor, r: Tensor, valid: Tensor, num_protected: int
         unit = metric / metric.norm(dim=-1, keepdim=True)  # the core's normalisation
         scores = unit[:, a_pos] @ unit[:, b_pos].transpose(-1, -2)
         scores = scores.masked_fill(~(a_real.unsqueeze(2) & b_real.unsqueeze(1)), -math.inf)
-        best, best_b = scores.max(dim=-1)
+        best, best_b = best_partner(scores)
         a = torch.arange(a_pos.start - p, n - p, 2, device=metric.device).expand(batch, -1)
         b = torch.arange(b_pos.start - p, n - p, 2, device=metric.device).expand(batch, -1)
         ranked, merges, src, target = _ranked_padded(best, best_b, a, r, p, width)

@@ -17,6 +17,7 @@ from tmcore.testing.padding import (
     make_reducer,
     right_padding,
 )
+from tmcore.testing.strategies import padded_batches
 
 # short samples run alone cap r at half their tokens, with a warning each time
 pytestmark = pytest.mark.filterwarnings("ignore", category=ScheduleClampWarning)
@@ -40,12 +41,9 @@ def test_short_samples_equal_their_unpadded_plans(p, r):
 def test_padded_equals_unpadded(p, data):
     n = data.draw(st.integers(p + 1, 30), label="n")
     r = data.draw(st.integers(0, max((n - p) // 2, 0)), label="r")
-    lengths = data.draw(st.lists(st.integers(max(p, 1), n), min_size=1, max_size=4), label="lengths")
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
-    size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
+    x, valid, size = data.draw(padded_batches(n, max(p, 1)), label="batch")
     match = block_matcher(_reducer(p, tokens=n, r=r), keys_only=True)
-    assert_padded_equals_unpadded(match, x, right_padding(lengths, n), size)
+    assert_padded_equals_unpadded(match, x, valid, size)
 
 
 @pytest.mark.parametrize("p", [0, 1, 2])

@@ -27,8 +27,10 @@ def reference_tome_forward(model, images, r_list, prop_attn=True):
     return model.forward_head(vit_forward(model, images, reduce, prop_attn)[0])
 
 
+# No duplicated tokens: the original breaks an exact tie by the last bit its matmul happens to
+# round (which depends on the shape); tmcore by position (tests/test_padding.py checks ties).
 @settings(max_examples=150, deadline=None)
-@given(case=matching_cases(max_protected=2), distill=st.booleans())
+@given(case=matching_cases(max_protected=2, duplicates=False), distill=st.booleans())
 def test_matching_equals_reference(case, distill):
     p = case.num_protected
     if distill and p < 2:

@@ -19,6 +19,7 @@ from tmcore.testing.padding import (
     make_reducer,
     right_padding,
 )
+from tmcore.testing.strategies import padded_batches
 
 # short samples run alone cap r at half their tokens, with a warning each time
 pytestmark = pytest.mark.filterwarnings("ignore", category=ScheduleClampWarning)
@@ -45,11 +46,8 @@ def test_short_samples_equal_their_unpadded_plans(p, r):
 def test_padded_equals_unpadded(p, data):
     n = data.draw(st.integers(p + 1, 26), label="n")
     r = data.draw(st.integers(0, max((n - p) // 2, 0)), label="r")
-    lengths = data.draw(st.lists(st.integers(p, n), min_size=1, max_size=4), label="lengths")
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
-    size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
-    assert_padded_equals_unpadded(block_matcher(_reducer(p, tokens=n, r=r)), x, right_padding(lengths, n), size)
+    x, valid, size = data.draw(padded_batches(n, p), label="batch")
+    assert_padded_equals_unpadded(block_matcher(_reducer(p, tokens=n, r=r)), x, valid, size)
 
 
 def test_padding_gets_no_class_importance():

@@ -44,7 +44,9 @@ def reference_tomecis_forward(model, images, r_list, prop_attn=True):
 
 
 @settings(max_examples=150, deadline=None)
-@given(case=matching_cases(max_protected=2), seed=st.integers(0, 2**31 - 1))
+# No duplicated tokens: the original breaks an exact tie by the last bit its matmul happens to
+# round (which depends on the shape); tmcore by position (tests/test_padding.py checks ties).
+@given(case=matching_cases(max_protected=2, duplicates=False), seed=st.integers(0, 2**31 - 1))
 def test_weighted_merge_equals_reference(case, seed):
     """A weighted merge through tmcore's Plan equals the closure's ``merge(x * w) / merge(w)``,
     with sizes summed, for p = 0 (no special token), 1 (class) and 2 (class + distillation)."""

@@ -17,6 +17,7 @@ from tmcore.testing.padding import (
     make_reducer,
     right_padding,
 )
+from tmcore.testing.strategies import padded_batches
 
 
 def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> TopK:
@@ -42,12 +43,9 @@ def test_short_samples_equal_their_unpadded_plans(p, keep_rate, fuse):
 )
 def test_padded_equals_unpadded(p, keep_rate, fuse, data):
     n = data.draw(st.integers(p + 1, 26), label="n")
-    lengths = data.draw(st.lists(st.integers(p, n), min_size=1, max_size=4), label="lengths")
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    x = torch.randn(len(lengths), n, 4, generator=gen, dtype=torch.float64)
-    size = torch.randint(1, 4, (len(lengths), n, 1), generator=gen).double()
+    x, valid, size = data.draw(padded_batches(n, p), label="batch")
     red = _reducer(p, tokens=n, keep_rate=keep_rate, fuse_token=fuse)
-    assert_padded_equals_unpadded(block_matcher(red), x, right_padding(lengths, n), size)
+    assert_padded_equals_unpadded(block_matcher(red), x, valid, size)
 
 
 def test_padding_is_never_kept_or_fused():

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
 from tmcore.config import Blocks, Bool, Number, show
-from tmcore.matching import real_tokens
+from tmcore.matching import rank_key, real_tokens
 from tmcore.plan import merge_tokens, pack, reduce
 
 __all__ = ["TopK", "TopKConfig", "default_layers", "evit_plan", "fuse_weighted_sum", "keep_count"]
@@ -95,7 +95,7 @@ def evit_plan(
     prefix = torch.arange(p, device=device).expand(b, p)
     a = cls_attn[:, p:]
     with torch.no_grad():
-        ranked = a if valid is None else a.masked_fill(~valid[:, p:], -math.inf)  # padding ranks last
+        ranked = rank_key(a) if valid is None else rank_key(a).masked_fill(~valid[:, p:], -math.inf)  # padding last
         order = ranked.argsort(dim=1, descending=True, stable=True)  # [B, T], most attended first
         if valid is None:
             top = order[:, :k] + p
