@@ -275,7 +275,7 @@ def test_padded_mean_pool_equals_each_sentence_alone(name):
 
 def test_full_length_token_heads():
     """Token classification, QA and masked LM get the input length; each position carries its
-    group's value; r=0 gives the unpatched outputs exactly."""
+    group's value; r=0 gives the unpatched outputs (to float64 rounding)."""
     for cls, key, labels in [
         (tf.BertForTokenClassification, "logits", 4),
         (tf.BertForQuestionAnswering, "start_logits", 2),
@@ -286,7 +286,9 @@ def test_full_length_token_heads():
         with torch.no_grad():
             ref = model(**x)[key]
             tmcore.apply(model, "tome", r=0, full_length=True)
-            assert torch.equal(model(**x)[key], ref), cls.__name__
+            # not bit for bit: the padded batch's mask reaches SDPA as transformers' own mask
+            # unpatched and as tmcore's bias patched, which can take another kernel on another CPU
+            torch.testing.assert_close(model(**x)[key], ref, rtol=0, atol=1e-12, msg=cls.__name__)
             tmcore.apply(model, "tome", r=5, full_length=True, replace=True)
             with tmcore.trace(model) as t:
                 full = model(**x)[key]

@@ -80,10 +80,13 @@ def test_each_block_takes_only_the_paths_its_thresholds_can_use(mode, monkeypatc
 
 
 @pytest.mark.parametrize("mode", ["merge_prune", "prune"])
-def test_blocks_that_cannot_fire_give_the_unreduced_block_output_bit_for_bit(mode):
+def test_blocks_that_cannot_fire_give_the_unreduced_block_output(mode):
     """Block 0 (nothing can fire) and block 3 (nothing can fire, after reductions in blocks 1
     and 2): the backbone's own ``Block.forward`` on the same input and attention bias
-    (``log(size)``, padding), then only the original's [A, B] re-ordering."""
+    (``log(size)``, padding), then only the original's [A, B] re-ordering. Not bit for bit: the
+    patched block re-orders before its MLP, whose matmul then sees the rows in another order
+    (another kernel blocking on some CPUs); float64 at 1e-12 still tells a wrong path (a merge,
+    a prune, a missing bias: differences of 1e-2 and more) from this one."""
     model = tiny_timm_models()["vit"]()
     config = {"merge_threshold": [1.0, 0.6, 0.7, 1.0], "prune_threshold": [0.0, 0.016, 0.0, 0.0]}
     tmcore.apply(model, "ltmp", mode=mode, **config)
@@ -106,7 +109,7 @@ def test_blocks_that_cannot_fire_give_the_unreduced_block_output_bit_for_bit(mod
             ref = blk_cls.forward(model.blocks[i], x, attn_mask=bias)
         if mode != "prune":
             ref = ref[:, output_order(x.shape[1], 1, x.device)]
-        assert torch.equal(out, ref), f"block {i}"
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12, msg=f"block {i}")
     assert seen[3][1] is not None and seen[3][0].shape[1] < 65, "blocks 1-2 reduced, so block 3 has sizes"
 
 
