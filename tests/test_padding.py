@@ -120,8 +120,10 @@ def test_the_input_mask_enters_the_state_at_block_0():
     state = runtime.enter(0, x, valid=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
     assert state.valid.tolist() == [[True, True, True, False, False], [True] * 5]
     assert state.count(x).tolist() == [3, 5]
-    bias = state.attn_bias(torch.float32)
-    assert bias.shape == (2, 1, 1, 5) and torch.isinf(bias[0, 0, 0, 3:]).all() and (bias[1] == 0).all()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        bias = state.attn_bias(dtype)  # the dtype's lowest value, not -inf: all-padding rows stay finite
+        assert bias.shape == (2, 1, 1, 5) and bias.dtype == dtype and (bias[1] == 0).all()
+        assert (bias[0, 0, 0, 3:] == torch.finfo(dtype).min).all() and (bias[0, 0, 0, :3] == 0).all()
     runtime.clear()
     assert runtime.enter(0, x, valid=torch.ones(2, 5)).valid is None  # nothing padded: the fast path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -208,3 +209,36 @@ def test_ragged_source_map_composes_and_skips_padding():
     source = compose_source(identity_source(2, 4), plan)
     assert source.tolist() == [[0, 1, 2, 1], [0, 1, -1, -1]]
     assert source_matrix(source, 3).sum(2).tolist() == [[1, 2, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sizes_count_exactly_in_half_precision(dtype):
+    """Sizes are counted in float32 whatever the tokens' dtype: bfloat16 holds integers exactly
+    only up to 256, so a group of 1,021 tokens weighed 1,020 and a 1,025-token input's sizes
+    added up to 1,021."""
+    x = torch.randn(2, 1025, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    size = None
+    while x.shape[1] > 3:
+        plan = tmcore.bipartite_soft_matching(x.float(), (x.shape[1] - 1) // 2, 1)
+        x, size = tmcore.merge_tokens(x, plan, size)
+        assert x.dtype == dtype and size.dtype == torch.float32
+    assert size.sum(1).flatten().tolist() == [1025.0, 1025.0]
+    assert size.max() > 256  # the groups are larger than half precision counts
+    pooled = tmcore.pooling.mean_pool(x, None, size)
+    assert pooled.dtype == dtype and torch.isfinite(pooled).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_reports_sizes_that_add_up(dtype):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=2, in_chans=1, embed_dim=16, depth=10, num_heads=2, num_classes=3
+    )
+    model = model.to(dtype).eval()
+    tmcore.apply(model, "tome", r=[512 >> i for i in range(10)])  # the most each block can merge
+    with torch.no_grad(), tmcore.trace(model) as t:
+        out = model(torch.randn(2, 1, 64, 64).to(dtype))
+    assert t.token_counts[0] == 1025 and out.dtype == dtype
+    assert t.sizes.dtype == torch.float32 and t.sizes.sum(1).flatten().tolist() == [1025.0, 1025.0]
+    assert t.sizes.max() > 256

@@ -167,6 +167,30 @@ def test_a_disabled_reducer_is_told_apart_from_a_missing_one(site, monkeypatch):
         tmcore.apply(object(), "ppt")
 
 
+def _model_from(module: str) -> object:
+    """An instance of a module-less model class that says it comes from ``module``."""
+    import torch
+
+    return type("SomeModel", (torch.nn.Module,), {"__module__": module})()
+
+
+def test_no_adapter_hints_at_the_models_own_library(site, monkeypatch):
+    """A BERT user is not told to install timm: the hint follows the library the class comes from."""
+    hints = {
+        "transformers.models.fancy": "SomeModel is not among the transformers families tm-transformers supports",
+        "timm.models.convnext": "SomeModel is not among the timm families tm-timm supports",
+        "mylab.nets": "mylab models need an adapter of their own: tmcore new-plugin NAME --adapter",
+    }
+    for module, hint in hints.items():
+        with pytest.raises(tmcore.NoAdapterError) as err:
+            tmcore.apply(_model_from(module), "tome", r=2)
+        assert hint in str(err.value) and "tmcore[timm]" not in str(err.value), str(err.value)
+    monkeypatch.setenv("TMCORE_DISABLE_PLUGINS", "tm-transformers")
+    registry.reload()
+    with pytest.raises(tmcore.NoAdapterError, match="tm-transformers is installed but not loaded: disabled by"):
+        tmcore.apply(_model_from("transformers.models.bert.modeling_bert"), "tome", r=2)
+
+
 @pytest.mark.parametrize("name", [None, 3, ["tome"], b"tome"])
 def test_a_reducer_name_that_is_not_a_string(name):
     with pytest.raises(UnknownReducerError, match=r"allowed: a registered reducer name, a string: .*tome \(tm-tome\)"):

@@ -149,3 +149,89 @@ def test_the_unbroken_reducer_passes_the_same_checks(pytester):
     ]
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", *(f"test_broken.py::{t}" for t in tests))
     result.assert_outcomes(passed=3)
+
+
+MALFORMED = """
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from tm_tome import ToMe
+    from tmcore.registry import Registration, registry
+    from tmcore.testing import ReducerConformance
+
+
+    def _n(plan):
+        return plan.num_in
+
+
+    FAULTS = {
+        # what a third-party reducer gets wrong in the plan it returns
+        "merges_the_class_token": lambda p: dataclasses.replace(
+            p, keep=torch.cat([p.src[:, :1], p.keep[:, 1:]], 1), src=torch.cat([p.keep[:, :1], p.src[:, 1:]], 1)
+        ),
+        "duplicates_a_token": lambda p: dataclasses.replace(p, keep=torch.cat([p.keep[:, :-1], p.keep[:, -2:-1]], 1)),
+        "grows_the_count": lambda p: dataclasses.replace(p, keep=torch.cat([p.keep, p.keep], 1)),
+        "wrong_num_in": lambda p: dataclasses.replace(p, num_in=p.num_in + 1),
+        "float_indices": lambda p: dataclasses.replace(p, keep=p.keep.float()),
+        "another_batch_size": lambda p: dataclasses.replace(p, keep=p.keep[:1], src=p.src[:1], src_dst=p.src_dst[:1]),
+        "zero_weights": lambda p: p.with_weight(torch.zeros(p.keep.shape[0], p.num_in, 1, dtype=torch.float64)),
+        "reads_the_next_sample": lambda p: dataclasses.replace(
+            p, keep=torch.cat([p.keep[:, :-1], torch.full_like(p.keep[:, -1:], _n(p))], 1)
+        ),
+    }
+
+
+    def broken(fault):
+        class Broken(ToMe):
+            name = fault
+
+            def match(self, layer, keys, state):
+                plan = super().match(layer, keys, state)
+                return None if plan is None else FAULTS[fault](plan)
+
+        return Broken
+
+
+    @pytest.fixture(autouse=True, scope="module")
+    def registered():
+        registry.ensure_loaded()
+        for fault in FAULTS:
+            registry.reducers[fault] = Registration(fault, broken(fault), "tm-broken", "0.0.0")
+        yield
+        for fault in FAULTS:
+            del registry.reducers[fault]
+
+
+    for fault in FAULTS:
+        test = {"reducer": fault, "configs": ({"r": 2},)}
+        globals()["Test_" + fault] = type("Test_" + fault, (ReducerConformance,), test)
+"""
+
+
+@pytest.mark.parametrize(
+    ("fault", "words"),
+    [
+        ("merges_the_class_token", "Plan.keep[:, :1] is"),
+        ("duplicates_a_token", "is in more than one place"),
+        ("grows_the_count", "output slots for"),
+        ("wrong_num_in", "Plan.num_in="),
+        ("float_indices", "Plan.keep has dtype torch.float32; allowed: torch.long"),
+        ("another_batch_size", "Plan.keep has shape (1,"),
+        ("zero_weights", "Plan.weight holds 0.0"),
+        ("reads_the_next_sample", "Plan.keep holds"),
+    ],
+)
+def test_malformed_plans_fail_conformance_naming_the_field(pytester, fault, words):
+    """A third-party reducer per fault in its plans: the conformance suite's plan check fails it,
+    naming the reducer, the block and the field (structural faults are caught on every forward,
+    value faults under `tmcore.check_plans`, which the suite turns on)."""
+    pytest.importorskip("timm")
+    pytester.makepyfile(test_malformed=textwrap.dedent(MALFORMED))
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", f"test_malformed.py::Test_{fault}::test_plans_hold_valid_values[timm:vit]"
+    )
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert f"reducer '{fault}' returned an invalid plan in block" in out and words in out, out[-3000:]

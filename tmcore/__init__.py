@@ -28,7 +28,7 @@ from tmcore.hookspecs import hookimpl
 from tmcore.matching import bipartite_soft_matching
 from tmcore.plan import Plan, merge_tokens, merge_weighted, reduce, unmerge
 from tmcore.reducer import BaseReducer, ModelInfo, ReducerConfig, TokenReducer
-from tmcore.runtime import Runtime
+from tmcore.runtime import Runtime, check_plans
 from tmcore.schedule import BipartiteSchedule, RSchedule, parse_r
 from tmcore.state import LayerInputs, TokenState
 from tmcore.tracing import Trace
@@ -66,6 +66,7 @@ __all__ = [
     "adapters",
     "apply",
     "bipartite_soft_matching",
+    "check_plans",
     "config",
     "get_patch",
     "hookimpl",

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from tmcore.errors import IncompatibleVersionError
 from tmcore.flops import BlockFlops
+from tmcore.plan import size_dtype, unit_sizes
 from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
 from tmcore.runtime import Runtime
 from tmcore.state import TokenState
@@ -107,7 +108,7 @@ class Adapter:
         library: the backbone library's distribution name, checked against `supported_versions`.
         supported_versions: a PEP 440 version specifier of the backbone library, e.g. ``">=1.0,<1.1"``.
         inputs: which `INPUTS` it can compute for reducers.
-        positions: where in a block it can reduce (`tmcore.runtime.POSITIONS`): ``attention``
+        positions: where in a block it can reduce (`tmcore.reducer.POSITIONS`): ``attention``
             (after the attention sub-layer, before the MLP) and / or ``layer`` (after the block).
             A reducer picks one (its ``position``); `tmcore.apply` refuses a position not offered.
     """
@@ -264,12 +265,13 @@ def _capture(
 
 def token_weights(state: TokenState | None, x: Tensor) -> Tensor | None:
     """``[B, N, 1]`` weight of each token of ``x`` in a mean pool: its size, 0 on padding and on
-    soft-masked tokens; ``None`` when all tokens weigh the same (pool as unpatched)."""
+    soft-masked tokens, in `tmcore.plan.size_dtype` (`tmcore.pooling.weighted_mean` takes it);
+    ``None`` when all tokens weigh the same (pool as unpatched)."""
     if state is None or (state.size is None and state.valid is None and state.mask is None):
         return None
-    weight = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+    weight = state.size if state.size is not None else unit_sizes(x)
     if state.valid is not None:
         weight = weight * state.valid.unsqueeze(-1)
     if state.mask is not None:
         weight = weight * state.mask.unsqueeze(-1)
-    return weight.to(x.dtype)
+    return weight.to(size_dtype(x.dtype))

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-__all__ = ["Inputs", "call", "batch_size", "device_type", "rows", "split_samples", "padding_mask", "to_device"]
+__all__ = ["Inputs", "call", "batch_size", "device_type", "rows", "split_samples", "padding_mask"]
 
 Inputs = Tensor | dict[str, Tensor]
 
@@ -51,9 +50,3 @@ def split_samples(inputs: Inputs) -> list[Inputs]:
             sample = {k: v[:, :n] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v for k, v in sample.items()}
         out.append(sample)
     return out
-
-
-def to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
-    if isinstance(inputs, dict):
-        return {k: v.to(device) for k, v in inputs.items()}
-    return inputs.to(device)

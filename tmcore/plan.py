@@ -51,6 +51,10 @@ __all__ = [
     "identity_source",
     "spread",
     "slot_positions",
+    "size_dtype",
+    "unit_sizes",
+    "plan_problems",
+    "plan_value_problems",
 ]
 
 ReduceMode = Literal["sum", "mean", "amax"]
@@ -103,29 +107,55 @@ class Plan:
         return replace(self, weight=torch.ones(self.keep.shape[0], self.num_in, 1, device=self.keep.device))
 
 
+def size_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype token sizes (and pooling weights) are counted in for tokens of ``dtype``:
+    float32, or float64 for float64 tokens. Never a half type: bfloat16 holds integers exactly
+    only up to 256 (a group of 1,021 patches would weigh 1,020)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def unit_sizes(x: Tensor) -> Tensor:
+    """``[B, N, 1]`` sizes of the tokens of ``x`` ``[B, N, C]`` before any reduction (each stands
+    for one input token), in `size_dtype`."""
+    return torch.ones(x.shape[0], x.shape[1], 1, dtype=size_dtype(x.dtype), device=x.device)
+
+
 def _rows(index: Tensor, channels: int) -> Tensor:
     """``[B, K]`` token index -> ``[B, K, C]`` gather/scatter index (a view, no copy)."""
     return index.unsqueeze(-1).expand(-1, -1, channels)
 
 
-def _flat(index: Tensor, n: int) -> Tensor:
-    """``[B, K]`` per-sample token index -> ``[B * K]`` row index into a ``[B * n, C]`` view."""
-    if index.shape[0] == 1:  # one sample: no offsets (three small ops less per index at batch 1)
+def _flat(index: Tensor, n: int, dropped: bool = False) -> Tensor:
+    """``[B, K]`` per-sample token index -> ``[B * K]`` row index into a ``[B * n, C]`` view.
+
+    An entry outside ``[0, n)`` would otherwise read (or write) another sample's row: it goes to
+    row ``B * n + 1``, past the end, so the index op fails instead of mixing samples (no host
+    synchronisation). At batch 1 there is no other sample, and the index ops refuse such an entry
+    themselves. With ``dropped``, ``-1`` entries (dropped tokens) go to row ``B * n``, a spare row
+    the caller cuts off."""
+    b = index.shape[0]
+    if b == 1 and not dropped:
         return index.flatten()
-    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n
-    return (index + offsets).flatten()
+    flat = index if b == 1 else index + torch.arange(b, device=index.device).unsqueeze(1) * n
+    flat = torch.where(index.clamp(0, n - 1) == index, flat, b * n + 1)
+    if dropped:
+        flat = torch.where(index == -1, b * n, flat)
+    return flat.flatten()
 
 
-def _layout(plan: Plan, n: int) -> tuple[Tensor, Tensor, Tensor]:
+_Layout = tuple[Tensor, Tensor, Tensor]
+
+
+def _layout(plan: Plan, n: int) -> _Layout:
     """Flat row indices ``(seed rows, src rows, their output rows)`` into ``[B * n, C]`` inputs
-    and ``[B * M (+ 1), C]`` outputs. Dropped ``src`` entries (``src_dst < 0``) all go to one
+    and ``[B * M (+ 1), C]`` outputs. Dropped ``src`` entries (``src_dst = -1``) all go to one
     spare output row ``B * M``, which the caller cuts off (works for every mode). Whether a plan
-    drops anything is data, so the spare row is always there: two index ops, no host sync."""
-    b, m = plan.keep.shape
-    keep, src, dst = _flat(plan.keep, n), _flat(plan.src, n), _flat(plan.src_dst, m)
+    drops anything is data, so the spare row is always there: no host sync. Computed once per
+    plan and call, whatever the tensors it is applied to."""
+    keep, src = _flat(plan.keep, n), _flat(plan.src, n)
+    dst = _flat(plan.src_dst, plan.num_out, dropped=True)
     if plan.src.shape[1]:
         keep = torch.cat([keep, keep[:1]])
-        dst = torch.where(plan.src_dst.flatten() < 0, b * m, dst)
     return keep, src, dst
 
 
@@ -141,14 +171,18 @@ def reduce(x: Tensor, plan: Plan, mode: ReduceMode = "sum") -> Tensor:
     Returns:
         ``[B, M, C]``.
     """
+    if plan.src.shape[1] == 0 and plan.keep.stride(0) == 0:  # one order shared by the batch
+        return x.index_select(1, plan.keep[0])
+    return _reduce(x, plan, _layout(plan, x.shape[1]), mode)
+
+
+def _reduce(x: Tensor, plan: Plan, layout: _Layout, mode: ReduceMode = "sum") -> Tensor:
     # Row gathers on the flattened batch (index_select / index_add_) run several times faster
     # on CPU than gather / scatter_add with an index expanded over channels.
     b, n, c = x.shape
     m = plan.num_out
-    if plan.src.shape[1] == 0 and plan.keep.stride(0) == 0:  # one order shared by the batch
-        return x.index_select(1, plan.keep[0])
     rows = x.reshape(b * n, c)
-    keep, src_rows, dst = _layout(plan, n)
+    keep, src_rows, dst = layout
     out = rows.index_select(0, keep)
     if plan.src.shape[1] == 0:
         return out.view(b, m, c)
@@ -172,24 +206,24 @@ def merge_weighted(x: Tensor, plan: Plan, weight: Tensor | None = None) -> tuple
         ``([B, M, C] weighted mean per group, [B, M, 1] summed weight per group)``.
         With ``weight = size`` the second output is the new size, and ``sum(size)`` is conserved.
     """
+    if plan.src.shape[1] == 0:  # pure selection / re-ordering: kept tokens keep their values
+        return reduce(x, plan), reduce(unit_sizes(x) if weight is None else weight, plan)
+    return _merge_weighted(x, plan, weight, _layout(plan, x.shape[1]))
+
+
+def _merge_weighted(x: Tensor, plan: Plan, weight: Tensor | None, layout: _Layout) -> tuple[Tensor, Tensor]:
     if weight is None:
-        weight = x.new_ones(x.shape[0], x.shape[1], 1)
-        total = reduce(weight, plan, "sum")
-        if plan.src.shape[1] == 0:  # pure selection / re-ordering: kept tokens keep their values
-            return reduce(x, plan), total
-        return reduce(x, plan, "sum").div_(total), total
-    total = reduce(weight, plan, "sum")
-    if plan.src.shape[1] == 0:  # pure pruning: kept tokens keep their values
-        return reduce(x, plan), total
+        total = _reduce(unit_sizes(x), plan, layout)
+        return _reduce(x, plan, layout).div_(total), total
+    total = _reduce(weight, plan, layout)
     # sum(w * x) / sum(w), weighting rows after the gather (one pass less than x * w first)
     b, n, c = x.shape
-    m = plan.num_out
     rows, w_rows = x.reshape(b * n, c), weight.reshape(b * n, 1)
-    keep, src, dst = _layout(plan, n)
+    keep, src, dst = layout
     out = rows.index_select(0, keep).mul_(w_rows.index_select(0, keep).to(x.dtype))
     merged = rows.index_select(0, src).mul_(w_rows.index_select(0, src).to(x.dtype))
     out.index_add_(0, dst, merged)
-    return out[: b * m].view(b, m, c).div_(total.to(x.dtype)), total
+    return out[: b * plan.num_out].view(b, plan.num_out, c).div_(total), total
 
 
 def merge_tokens(x: Tensor, plan: Plan, size: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -209,10 +243,12 @@ def merge_tokens(x: Tensor, plan: Plan, size: Tensor | None) -> tuple[Tensor, Te
     """
     if plan.weight is None:
         return merge_weighted(x, plan, size)
-    merged, _ = merge_weighted(x, plan, plan.weight)
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-    return merged, reduce(size, plan, "sum")
+        size = unit_sizes(x)
+    if plan.src.shape[1] == 0:
+        return reduce(x, plan), reduce(size, plan)
+    layout = _layout(plan, x.shape[1])
+    return _merge_weighted(x, plan, plan.weight, layout)[0], _reduce(size, plan, layout)
 
 
 def select(take_a: Tensor, a: Plan, b: Plan) -> Plan:
@@ -398,3 +434,126 @@ def source_matrix(source: Tensor, num_slots: int) -> Tensor:
     slot = torch.where(source < 0, num_slots, source)
     out.scatter_(1, slot.unsqueeze(1), True)
     return out[:, :num_slots]
+
+
+def plan_problems(plan: object, batch: int, num_in: int, num_protected: int, device: torch.device) -> list[str]:
+    """What makes ``plan`` unusable on ``[batch, num_in, C]`` tokens with a protected prefix of
+    ``num_protected``, from types and shapes alone (no host synchronisation, so the runtime checks
+    every plan): tensors of long indices on the tokens' device, one row per sample, ``num_in`` as
+    the tokens' length, no more outputs than inputs and room for the prefix in front, ``valid``
+    bool ``[B, M]``, ``weight`` floating ``[B, N, 1]``. One phrase per problem; empty: usable."""
+    if not isinstance(plan, Plan):
+        return [f"match() returned a {type(plan).__name__}; allowed: a tmcore.Plan, or None to leave the block alone"]
+    problems = []
+    if not isinstance(plan.num_in, int) or isinstance(plan.num_in, bool) or plan.num_in != num_in:
+        problems.append(f"Plan.num_in={plan.num_in!r} for {num_in} input tokens; allowed: {num_in}")
+    fields = {"keep": plan.keep, "src": plan.src, "src_dst": plan.src_dst}
+    for name, value in fields.items():
+        if not isinstance(value, Tensor):
+            problems.append(f"Plan.{name} is a {type(value).__name__}; allowed: a torch.long tensor [B, ...]")
+        elif value.dtype != torch.long:
+            problems.append(f"Plan.{name} has dtype {value.dtype}; allowed: torch.long (int64) indices")
+        elif value.dim() != 2 or value.shape[0] != batch:
+            problems.append(f"Plan.{name} has shape {tuple(value.shape)}; allowed: [{batch}, ...], one row per sample")
+        elif value.device != device:
+            problems.append(f"Plan.{name} is on {value.device}; allowed: the tokens' device {device}")
+    if problems:
+        return problems
+    m, k = plan.keep.shape[1], plan.src.shape[1]
+    if plan.src_dst.shape != plan.src.shape:
+        problems.append(f"Plan.src_dst has shape {tuple(plan.src_dst.shape)}; allowed: Plan.src's [{batch}, {k}]")
+    if m > num_in:
+        problems.append(f"Plan.keep has {m} output slots for {num_in} input tokens; allowed: at most {num_in}")
+    if m < max(num_protected, min(num_in, 1)):
+        problems.append(
+            f"Plan.keep has {m} output slots; allowed: at least {max(num_protected, 1)} (the protected prefix of "
+            f"{num_protected} in front, and one token)"
+        )
+    if k > num_in:
+        problems.append(f"Plan.src lists {k} tokens for {num_in} input tokens; allowed: at most {num_in}")
+    for name, value, shape, ok, allowed in (
+        ("valid", plan.valid, (batch, m), lambda v: v.dtype == torch.bool, "torch.bool"),
+        ("weight", plan.weight, (batch, num_in, 1), lambda v: v.is_floating_point(), "a floating dtype"),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or not ok(value):
+            shown = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            problems.append(f"Plan.{name} is {shown}; allowed: {allowed}, shape {list(shape)}, or None")
+        elif tuple(value.shape) != shape:
+            problems.append(f"Plan.{name} has shape {tuple(value.shape)}; allowed: {list(shape)} or None")
+        elif value.device != device:
+            problems.append(f"Plan.{name} is on {value.device}; allowed: the tokens' device {device}")
+    return problems
+
+
+def plan_value_problems(plan: Plan, num_protected: int, valid: Tensor | None = None) -> list[str]:
+    """What is wrong with the values of a structurally usable ``plan`` (`plan_problems` found
+    nothing): indices in range, no input token in two places, the protected prefix kept in place
+    and in front, padding slots after the real ones, weights finite and positive on real tokens.
+    Reads the values (host synchronisation): the conformance suite runs it on every reducer, and
+    the runtime on every plan under ``tmcore.check_plans()`` (``TMCORE_CHECK_PLANS=1``).
+
+    Args:
+        plan: the plan.
+        num_protected: ``p``.
+        valid: ``[B, N]`` bool padding mask of the plan's input (``None``: every token is real).
+
+    Returns:
+        One phrase per problem, naming the field and the first sample it was found in.
+    """
+    problems = []
+    b, m = plan.keep.shape
+    n = plan.num_in
+
+    def first(bad: Tensor) -> str:  # [B, ...] bool -> "sample i"
+        return f"sample {int(bad.flatten(1).any(1).nonzero()[0])}"
+
+    for name, value, low, high in (
+        ("keep", plan.keep, 0, n),
+        ("src", plan.src, 0, n),
+        ("src_dst", plan.src_dst, -1, m),
+    ):
+        bad = (value < low) | (value >= high)
+        if bad.any():
+            problems.append(f"Plan.{name} holds {int(value[bad][0])} in {first(bad)}; allowed: {low} <= index < {high}")
+    if problems:
+        return problems
+    slot_real = plan.valid if plan.valid is not None else torch.ones_like(plan.keep, dtype=torch.bool)
+    # a ragged plan may list unused src entries (-1) for tokens it keeps: only merges count there
+    listed = plan.src_dst >= 0 if plan.valid is not None else torch.ones_like(plan.src, dtype=torch.bool)
+    uses = torch.zeros(b, n, dtype=torch.long, device=plan.keep.device)
+    uses.scatter_add_(1, plan.keep, slot_real.long()).scatter_add_(1, plan.src, listed.long())
+    if (uses > 1).any():
+        token = int((uses > 1).long().argmax(1)[(uses > 1).any(1)][0])
+        problems.append(
+            f"input token {token} is in more than one place in {first(uses > 1)} (Plan.keep's real slots and Plan.src "
+            "together list every input token at most once)"
+        )
+    p = min(num_protected, m)
+    prefix = torch.arange(p, device=plan.keep.device)
+    if p and not (plan.keep[:, :p] == prefix).all():
+        bad = plan.keep[:, :p] != prefix
+        problems.append(
+            f"Plan.keep[:, :{p}] is {plan.keep[:, :p][bad.any(1)][0].tolist()} in {first(bad)}; allowed: "
+            f"{prefix.tolist()}, the protected prefix kept in place and in front"
+        )
+    if p and plan.src.shape[1] and ((plan.src < p) & listed).any():
+        problems.append(
+            f"Plan.src lists a protected token in {first((plan.src < p) & listed)}; protected tokens are never "
+            "merged or dropped"
+        )
+    if plan.valid is not None and (plan.valid[:, 1:] & ~plan.valid[:, :-1]).any():
+        problems.append(
+            f"Plan.valid has a padding slot before a real one in {first(plan.valid[:, 1:] & ~plan.valid[:, :-1])}; "
+            "allowed: every sample's real slots first"
+        )
+    if plan.weight is not None:
+        real = valid.unsqueeze(-1) if valid is not None else torch.ones_like(plan.weight, dtype=torch.bool)
+        bad = ~(torch.isfinite(plan.weight) & (plan.weight > 0)) & real
+        if bad.any():
+            problems.append(
+                f"Plan.weight holds {float(plan.weight[bad][0])} in {first(bad)}; allowed: finite and > 0 on real "
+                "tokens (the weights of a group divide its sum)"
+            )
+    return problems

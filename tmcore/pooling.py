@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from tmcore.plan import size_dtype, unit_sizes
+
 __all__ = ["weighted_mean", "mean_pool"]
 
 
 def weighted_mean(x: Tensor, weight: Tensor) -> Tensor:
-    """``[B, N, C]`` tokens, ``[B, N, 1]`` weights -> ``[B, C]`` weighted mean over tokens."""
-    weight = weight.to(x.dtype)
-    return (x * weight).sum(dim=1) / weight.sum(dim=1)
+    """``[B, N, C]`` tokens, ``[B, N, 1]`` weights -> ``[B, C]`` weighted mean over tokens.
+
+    Weights and sums in `tmcore.plan.size_dtype` (float32 for half tokens, which cannot count);
+    the mean comes back in ``x``'s dtype."""
+    weight = weight.to(size_dtype(x.dtype))
+    return ((x * weight).sum(dim=1) / weight.sum(dim=1)).to(x.dtype)
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor | None = None, sizes: Tensor | None = None) -> Tensor:
@@ -25,9 +30,9 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None = None, sizes: Tenso
         ``[B, C]``: ``sum(x * mask * size) / sum(mask * size)``; with sizes this equals the mean
         pool of the unreduced model whenever merged tokens are the means of their groups.
     """
-    weight = hidden.new_ones(hidden.shape[0], hidden.shape[1], 1)
+    weight = unit_sizes(hidden)
     if attention_mask is not None:
-        weight = weight * attention_mask.reshape(weight.shape).to(hidden.dtype)
+        weight = weight * attention_mask.reshape(weight.shape).to(weight.dtype)
     if sizes is not None:
-        weight = weight * sizes.reshape(weight.shape).to(hidden.dtype)
-    return (hidden * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-9)
+        weight = weight * sizes.reshape(weight.shape).to(weight.dtype)
+    return ((hidden * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-9)).to(hidden.dtype)

@@ -24,7 +24,14 @@ __all__ = [
     "CONTRACT_METHODS",
     "check_reducer",
     "validate_config",
+    "POSITIONS",
 ]
+
+POSITIONS = frozenset({"attention", "layer"})
+"""Where a block reduces: ``attention``, after the attention sub-layer and before the MLP (ToMe's
+place in a pre-norm ViT; after the attention output LayerNorm in a post-norm BERT), or ``layer``,
+after the whole block (PiToMe's Hugging Face CLIP patch). Adapters offer positions, the reducer's
+``position`` picks one."""
 
 
 class ModelInfo(BaseModel):
@@ -77,7 +84,7 @@ class TokenReducer(Protocol):
     Class attributes: ``name`` (registry name), ``config_model`` (a `ReducerConfig` subclass),
     ``requires`` (subset of `INPUTS` the adapter must be able to compute), ``requires_class_token``
     (refuse models without one), ``position`` (``attention`` or ``layer``: where in a block it
-    reduces, `tmcore.runtime.POSITIONS`), ``description`` (``tmcore plugins``), ``identity_config``
+    reduces, `POSITIONS`), ``description`` (``tmcore plugins``), ``identity_config``
     (a config that changes nothing, or ``None``; the conformance suite checks it is exact),
     ``example_configs`` (configs that reduce; the test matrix and ``tmcore bench`` use them),
     ``merge_only`` (every input token survives inside some output: sizes are conserved) and
@@ -157,8 +164,6 @@ CONTRACT_METHODS = ("needs", "score", "match", "reduce", "state_tensors", "load_
 def check_reducer(cls: Any) -> list[str]:
     """What ``cls`` lacks of the `TokenReducer` contract, one phrase each (empty: it conforms).
     ``name`` is checked by the registry with the adapters' names."""
-    from tmcore.runtime import POSITIONS  # the runtime imports this module
-
     problems = []
 
     def attr(name: str, ok: Any, what: str) -> None:
@@ -210,7 +215,7 @@ class BaseReducer:
     merge_only: ClassVar[bool] = True
     """Every input token survives inside some output token (sizes are conserved)."""
     position: ClassVar[str] = "attention"
-    """Where in a block it reduces (`tmcore.runtime.POSITIONS`): after the attention sub-layer, or
+    """Where in a block it reduces (`POSITIONS`): after the attention sub-layer, or
     ``layer``, after the whole block."""
     stochastic: ClassVar[bool] = False
     """Random by design: draws depend on the config's seed, the block, the token positions and

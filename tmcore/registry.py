@@ -47,6 +47,11 @@ KNOWN_REDUCERS = {
 }
 """The project's own reducers and the distribution to ``pip install`` for each."""
 
+KNOWN_ADAPTERS = {"timm": "tm-timm", "transformers": "tm-transformers"}
+"""The backbone library a model class comes from (its top-level module) -> the project's adapter
+distribution for it (installed with tmcore; ``tmcore[timm]`` / ``tmcore[transformers]`` add the
+library itself)."""
+
 
 def _normalize(name: str) -> str:
     return canonicalize_name(name)
@@ -218,9 +223,23 @@ class Registry:
         supported = "; ".join(f"{a.name} ({a.distribution}): {a.obj.description}" for a in self.adapters.values())
         raise NoAdapterError(
             f"no installed adapter handles a model of class {cls.__module__}.{cls.__qualname__}. "
-            f"Supported families: {supported or 'none (no adapter installed)'}. "
-            f"For timm models: pip install 'tmcore[timm]'"
+            f"Supported families: {supported or 'none (no adapter installed)'}. {self._adapter_hint(cls)}"
         )
+
+    def _adapter_hint(self, cls: type) -> str:
+        """What to do about a model class no adapter handles, from the library it comes from."""
+        library = cls.__module__.split(".")[0]
+        dist = KNOWN_ADAPTERS.get(library)
+        if dist is None:
+            return (
+                f"{library} models need an adapter of their own: tmcore new-plugin NAME --adapter writes one "
+                "(CONTRIBUTING.md, 'Writing an adapter')"
+            )
+        if dist in self.skipped:
+            return f"{dist} is installed but not loaded: {self.skipped[dist]}"
+        if any(a.distribution == dist for a in self.adapters.values()):
+            return f"{cls.__qualname__} is not among the {library} families {dist} supports"
+        return f"for {library} models: pip install {dist}"
 
 
 ADAPTER_METHODS = ("handles", "describe", "blocks", "patch_block", "flops")

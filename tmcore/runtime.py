@@ -1,10 +1,11 @@
 """The runtime: the per-patch link between a patched model's modules and the current forward's
-token state. It sits above `tmcore.reducer` and `tmcore.state` (it drives a reducer over a state),
-so imports run one way: plan, tracing -> state -> reducer -> runtime -> adapter, api."""
+token state. It drives a reducer over a state, so it imports `tmcore.reducer` and `tmcore.state`
+and neither imports it: plan -> tracing -> state -> reducer -> runtime -> adapter -> api."""
 
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,20 +16,42 @@ import torch
 from torch import Tensor
 
 from tmcore.errors import InvalidInputError, PluginError, TmcoreError, UnsupportedModelError
-from tmcore.plan import compose_source, identity_source, slot_positions, spread
+from tmcore.plan import (
+    Plan,
+    compose_source,
+    identity_source,
+    plan_problems,
+    plan_value_problems,
+    slot_positions,
+    spread,
+    unit_sizes,
+)
 from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
 from tmcore.state import LayerInputs, TokenState
 from tmcore.tracing import Trace
 
-__all__ = ["Runtime", "POSITIONS"]
+__all__ = ["Runtime", "check_plans"]
 
 _ids = itertools.count()
 
-POSITIONS = frozenset({"attention", "layer"})
-"""Where a block reduces: ``attention``, after the attention sub-layer and before the MLP (ToMe's
-place in a pre-norm ViT; after the attention output LayerNorm in a post-norm BERT), or ``layer``,
-after the whole block (PiToMe's Hugging Face CLIP patch). Adapters offer positions, the reducer's
-``position`` picks one."""
+_check_values = os.environ.get("TMCORE_CHECK_PLANS", "") not in ("", "0")
+
+
+def check_plans(enabled: bool = True) -> bool:
+    """Check the values of every plan a reducer returns (a debugging aid for reducer authors);
+    returns whether the checks were on before, so a caller can restore them.
+
+    The runtime always checks what a plan's types and shapes tell (`tmcore.plan.plan_problems`,
+    no host synchronisation). With this on, it also reads the values
+    (`tmcore.plan.plan_value_problems`: indices in range, no token twice, the protected prefix
+    in place, padding last, weights finite and positive), one host synchronisation per block, and
+    raises `tmcore.PluginError` naming the reducer, the block and the field. Off by default;
+    ``TMCORE_CHECK_PLANS=1`` in the environment turns it on at import. The conformance suite
+    runs every reducer with it on.
+    """
+    global _check_values
+    previous, _check_values = _check_values, bool(enabled)
+    return previous
 
 
 class Runtime:
@@ -243,20 +266,40 @@ class Runtime:
             state.captured = {}
             if plan is None:
                 return x
-            if state.valid is not None and plan.valid is None:
-                raise TmcoreError(
-                    f"reducer {reducer.name!r} returned a plan without validity (Plan.valid) for a padded batch "
-                    f"in block {layer}, so padding could merge with real tokens; it does not support padded "
-                    "inputs (pass state.valid to the core's matching functions, or run one sample at a time)"
-                )
-            x, size = reducer.reduce(x, plan, state)
+            self._check_plan(layer, plan, x, state)
+            try:
+                x, size = reducer.reduce(x, plan, state)
+                if state.source is not None:
+                    state.source = compose_source(state.source, plan)
+            except (IndexError, RuntimeError) as exc:  # an index the checks above cannot see (values)
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                raise PluginError(
+                    f"reducer {reducer.name!r} failed to apply its plan in block {layer} ({type(exc).__name__}: "
+                    f"{exc}); tmcore.check_plans() (TMCORE_CHECK_PLANS=1) says what is wrong with the plan"
+                ) from exc
             if plan.valid is not None and size is not None:
                 # padding slots: size 1 (finite log, no division by zero); valid masks them out
                 size = size.masked_fill(~plan.valid.unsqueeze(-1), 1)
             state.size, state.valid = size, plan.valid  # the plan's output validity replaces the state's
-            if state.source is not None:
-                state.source = compose_source(state.source, plan)
             return x
+
+    def _check_plan(self, layer: int, plan: Plan, x: Tensor, state: TokenState) -> None:
+        """Refuse a plan that cannot be applied to ``x`` (types and shapes, always; values under
+        `check_plans`), and one that drops the padding of a padded batch."""
+        problems = plan_problems(plan, x.shape[0], x.shape[1], state.num_protected, x.device)
+        if not problems and state.valid is not None and plan.valid is None:
+            raise TmcoreError(
+                f"reducer {self.reducer.name!r} returned a plan without validity (Plan.valid) for a padded batch "
+                f"in block {layer}, so padding could merge with real tokens; it does not support padded "
+                "inputs (pass state.valid to the core's matching functions, or run one sample at a time)"
+            )
+        if not problems and _check_values:
+            problems = plan_value_problems(plan, state.num_protected, state.valid)
+        if problems:
+            raise PluginError(
+                f"reducer {self.reducer.name!r} returned an invalid plan in block {layer}: " + "; ".join(problems)
+            )
 
     def exit(self, layer: int, x: Tensor, state: TokenState) -> Tensor:
         """End of block ``layer``; returns the block's output. The last block completes an active
@@ -264,7 +307,7 @@ class Runtime:
         under `dense_outputs`)."""
         last = layer == self.info.num_layers - 1
         if last and state.trace is not None:
-            sizes = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+            sizes = state.size if state.size is not None else unit_sizes(x)
             state.trace.finish(state.count(x), sizes, state.source, state.valid)
         if state.source is None or not (self._dense.get() or (last and self.full_length)):
             return x

@@ -32,7 +32,7 @@ def masked_softmax(logits: Tensor, mask: Tensor, eps: float = MASK_EPS) -> Tenso
     masked softmax.
 
     Args:
-        logits: ``[B, H, N, N]`` attention logits, biases (``log(size)``, ``-inf``) included.
+        logits: ``[B, H, N, N]`` attention logits, biases (``log(size)``, padding) included.
         mask: ``[B, N]`` per-key weight in ``[0, 1]`` (1 alive, 0 removed).
         eps: stabiliser; rows whose alive keys all underflow become near-uniform, not NaN.
 
@@ -118,8 +118,13 @@ class TokenState:
 
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """The additive attention bias ``[B, 1, 1, N]``: ``log(size)`` per key (proportional
-        attention, when enabled) and ``-inf`` on invalid keys; ``None`` when there is none, so the
-        backbone's fused attention runs exactly as unpatched."""
+        attention, when enabled) and the dtype's lowest value on invalid keys; ``None`` when there
+        is none, so the backbone's fused attention runs exactly as unpatched.
+
+        Invalid keys get ``finfo(dtype).min``, not ``-inf``: a key next to one real key still
+        weighs exactly 0 (its exponent underflows), and a row with no real key at all (a sample
+        that is all padding, as bucketing loaders produce) gives a finite softmax instead of NaN,
+        as the unpatched models do."""
         bias = None
         if self.prop_attn and self.size is not None:
             # log in float32 at least (half sizes lose integers), in float64 for float64 models
@@ -127,7 +132,7 @@ class TokenState:
         if self.valid is not None:
             invalid = (~self.valid).unsqueeze(1).unsqueeze(1)
             bias = bias if bias is not None else invalid.new_zeros(invalid.shape, dtype=torch.float32)
-            bias = bias.masked_fill(invalid, float("-inf"))
+            return bias.to(dtype).masked_fill(invalid, torch.finfo(dtype).min)
         return None if bias is None else bias.to(dtype)
 
     def attn_probs(self, logits: Tensor) -> Tensor:

@@ -105,8 +105,9 @@ class ReducerConformance:
     stay in front; every kept token stands for at least one real input token; no real token
     lands on padding and no padding token joins a real token's group; fixed-shape plans report
     int token counts; every real input token lands in exactly one output token and sizes are
-    conserved (merge-only reducers); a batch equals its samples run one by one, unpadded
-    (outputs and token counts); a reducer's ``live_needs`` stay within its ``needs`` and decide
+    conserved (merge-only reducers); every plan holds valid values (`tmcore.check_plans`); a
+    sample of only padding gives finite outputs; a batch equals its samples run one by one,
+    unpadded (outputs and token counts); a reducer's ``live_needs`` stay within its ``needs`` and decide
     as they do; gradients flow in training mode, and equal themselves under the backbone's
     gradient checkpointing; empty batches run; the meta device runs or refuses clearly. A reducer with
     ``requires_class_token`` is refused on models without one.
@@ -239,6 +240,38 @@ class ReducerConformance:
             )
             batched_counts = torch.stack([_per_sample(c, b) for c in t.token_counts], 1)
             assert batched_counts.tolist() == counts, f"{config}: token counts differ from one-by-one runs"
+
+    def test_plans_hold_valid_values(self, model: nn.Module) -> None:
+        """Every plan of every config, on this model's inputs (padded, for text), passes the value
+        checks of `tmcore.check_plans`: indices in range, no input token in two places, the
+        protected prefix kept in place, padding slots last, weights finite and positive on real
+        tokens (the runtime checks types and shapes on every plan anyway)."""
+        x = registry.adapter_for(model).example_inputs(model)
+        previous = tmcore.check_plans(True)
+        try:
+            for config in self._configs():
+                tmcore.apply(model, self.reducer, replace=True, **config)
+                with torch.no_grad():
+                    run(model, x)
+        finally:
+            tmcore.check_plans(previous)
+
+    def test_a_sample_of_only_padding_gives_finite_outputs(self, model: nn.Module) -> None:
+        """A sample whose attention mask is all 0 (bucketing and packing loaders produce them)
+        gives finite outputs, as in the unpatched model, and leaves the other samples as they
+        were."""
+        x = registry.adapter_for(model).example_inputs(model)
+        if "attention_mask" not in x:
+            pytest.skip("no padding mask: the model takes no padded inputs")
+        padded = {**x, "attention_mask": x["attention_mask"].clone()}
+        padded["attention_mask"][-1] = 0
+        with torch.no_grad():
+            assert torch.isfinite(run(model, padded)).all(), "the unpatched model itself is not finite"
+            for config in self._configs():
+                tmcore.apply(model, self.reducer, replace=True, **config)
+                out = run(model, padded)
+                assert torch.isfinite(out).all(), f"{config}: a sample of only padding gives non-finite outputs"
+                torch.testing.assert_close(out[:-1], run(model, x)[:-1], rtol=1e-9, atol=1e-9)
 
     def test_live_needs_decide_as_the_declared_needs(self, model: nn.Module) -> None:
         """A reducer with ``live_needs`` (what each block reads in this forward): one subset of

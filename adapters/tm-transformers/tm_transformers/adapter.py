@@ -32,6 +32,7 @@ from tm_transformers.attention import LINK, PREFIX, WRAPPED, Link, implementatio
 from tm_transformers.layers import LAYOUTS, InputMask, layer_forward
 from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError, UnsupportedModelError, get_patch
 from tmcore.flops import BlockFlops
+from tmcore.plan import unit_sizes
 from tmcore.pooling import mean_pool
 
 __all__ = ["TransformersEncoders", "FAMILIES", "Family"]
@@ -222,7 +223,7 @@ def _finish(runtime: Runtime, inputs: InputMask, module: nn.Module, args: tuple,
         return
     hidden = output["last_hidden_state"]
     b, m = hidden.shape[:2]
-    sizes = state.size[..., 0] if state.size is not None else hidden.new_ones(b, m)
+    sizes = state.size[..., 0] if state.size is not None else unit_sizes(hidden)[..., 0]
     mask = state.valid.long() if state.valid is not None else torch.ones(b, m, dtype=torch.long, device=hidden.device)
     if state.mask is not None:  # training under a soft mask (LTMP): the keep-mask weighs each token
         mask = state.mask * mask

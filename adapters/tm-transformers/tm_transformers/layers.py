@@ -13,8 +13,8 @@ Four layouts cover the supported families:
 - ``clip`` (pre-norm): ``layer_norm1`` -> ``self_attn`` + residual -> [reduce] -> ``layer_norm2`` ->
   ``mlp`` + residual -> [reduce].
 
-The attention submodule gets the state's additive bias (``log(size)``, ``-inf`` on padding) as its
-own ``attention_mask`` argument; the mask the encoder passes is for the unreduced length and is
+The attention submodule gets the state's additive bias (``log(size)``, the lowest value on
+padding) as its own ``attention_mask`` argument; the mask the encoder passes is for the unreduced length and is
 ignored (block 0 takes the padding from the model's 2D ``attention_mask`` through `InputMask`).
 """
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tm_ltmp.masks import best_match, concat_order, importance, output_order, output_position, threshold_mask
 from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
 from tmcore.config import Choice, Number, PerBlock, rule_of, show
-from tmcore.plan import merge_weighted, pack, reduce
+from tmcore.plan import merge_weighted, pack, reduce, unit_sizes
 
 __all__ = ["LTMP", "LTMPConfig", "DEFAULT_THRESHOLDS"]
 
@@ -233,20 +233,20 @@ class LTMP(BaseReducer):
             mask = torch.where(mask.bool(), threshold_mask(imp, theta_prune, tau), mask)
 
         b, n, c = x.shape
-        size = state.size if state.size is not None else x.new_ones(b, n, 1)
+        size = state.size if state.size is not None else unit_sizes(x)
         best, idx = best_match(inputs.keys, p, weight=mask.detach(), valid=valid)
         merge = threshold_mask(best, theta_merge, tau)  # [B, Na]
         w = merge.detach().unsqueeze(-1)
         mask_a, mask_b = mask[:, ::2], mask[:, 1::2]
         keep_a = torch.where(mask_a.bool(), 1 - merge, mask_a)  # a dead token stays dead
 
-        xs = x * size
+        xs = x * size.to(x.dtype)
         x_a, x_b = xs[:, ::2], xs[:, 1::2]
         s_a, s_b = size[:, ::2], size[:, 1::2]
         x_b = x_b.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, c), x_a * w.to(x_a.dtype))
         s_b = s_b.scatter_add(1, idx.unsqueeze(-1), s_a * w.to(s_a.dtype))
         size = torch.cat([s_a, s_b], dim=1)
-        x = torch.cat([x_a, x_b], dim=1) / size
+        x = torch.cat([x_a, x_b], dim=1) / size.to(x.dtype)
         mask = torch.cat([keep_a, mask_b], dim=1)
 
         if mode == "merge_prune":

@@ -145,7 +145,7 @@ class PiToMe(BaseReducer):
 
     config: PiToMeConfig
     position: str = "attention"
-    """Where blocks reduce (`tmcore.runtime.POSITIONS`): ``layer`` on HF CLIP, as the original."""
+    """Where blocks reduce (`tmcore.reducer.POSITIONS`): ``layer`` on HF CLIP, as the original."""
 
     def setup(self) -> None:
         cfg, info = self.config, self.info

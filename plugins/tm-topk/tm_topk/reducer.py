@@ -42,7 +42,7 @@ from torch import Tensor
 from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
 from tmcore.config import Blocks, Bool, Number, show
 from tmcore.matching import rank_key, real_tokens
-from tmcore.plan import merge_tokens, pack, reduce
+from tmcore.plan import merge_tokens, pack, reduce, unit_sizes
 
 __all__ = ["TopK", "TopKConfig", "default_layers", "evit_plan", "fuse_weighted_sum", "keep_count"]
 
@@ -148,7 +148,7 @@ def fuse_weighted_sum(x: Tensor, plan: Plan, size: Tensor | None) -> tuple[Tenso
         ``([B, M, C] sum of weight x token per slot, [B, M, 1] summed sizes)``.
     """
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        size = unit_sizes(x)
     return reduce(x * plan.weight.to(x.dtype), plan, "sum"), reduce(size, plan, "sum")
 
 
