@@ -1,26 +1,26 @@
 """The adapter contract as code: the base class every adapter derives from, the undo log that
 makes `tmcore.remove` exact, and the helpers an adapter's block forward is composed of.
 
-An adapter's patched block forward does, in this order (`tmcore.runtime.Runtime`)::
+An adapter's patched block forward fills the block protocol, `tmcore.Runtime.run_block`::
 
-    state = runtime.enter(layer, x, block.training, valid=padding_mask_at_block_0)
-    x = runtime.compact(x, state)                  # only adapters that offer dense outputs
-    bias = state.attn_bias(attention_dtype(x))     # log(size) and padding, additive, [B, 1, 1, N]
-    y = attention(x, bias)                         # fused, or `explicit_attention` when
-                                                   # `needs_explicit_attention(runtime, layer, state)`
-    x = x + y                                      # the block's own residual / norm
-    if runtime.position == "attention": x = runtime.step(layer, x, state, bias, scale)
-    x = x + mlp(x)
-    if runtime.position == "layer": x = runtime.step(layer, x, state, bias, scale)
-    x = runtime.exit(layer, x, state)              # the last block restores full length if asked
+    def attend(x, bias, state):                    # the attention sub-layer, residual / norm included
+        y = attention(norm1(x), attn_mask=bias)    # fused, or `explicit_attention` where
+        return x + y                               # `needs_explicit_attention(runtime, layer, state)`
 
-q / k / v reach the reducer through ``runtime.capture`` (`capture_hook` makes the forward hook),
-only in blocks whose ``runtime.layer_needs[layer]`` asks for them (an adapter that captures
-inside its attention function asks ``runtime.block_needs(layer, state)``, this forward's subset);
-the base class's `patch` adds the hook that clears the per-forward state when the model's forward
-ends. A feature path that runs the blocks outside the model's ``forward`` and reads the tokens
-between them (timm's ``forward_intermediates``) runs inside ``runtime.dense_outputs()``: every
-block then returns full-length tokens and takes its reduced ones back with ``runtime.compact``.
+    return runtime.run_block(layer, x, attend, lambda x: x + mlp(norm2(x)), scale, block.training)
+
+`run_block` opens the forward's token state at block 0, computes the bias (``log(size)`` and
+padding, additive, ``[B, 1, 1, N]``), reduces at the reducer's position and restores full length
+at the last block when asked. Adapters replace forwards with `Patch.bind` (the function finds
+its patch, and the runtime, with `bound_patch`) and hand q / k / v to the reducer with
+`Patch.capture`, only in blocks whose ``runtime.layer_needs[layer]`` asks for them (an adapter
+that captures inside its attention function asks ``runtime.block_needs(layer, state)``, this
+forward's subset). The base class's `patch` brackets
+the forward of `Adapter.forward_scope` with ``runtime.begin`` / ``runtime.end`` (the input's
+padding mask from `Adapter.input_padding`, the outputs finished by `Adapter.finish_forward`). A
+feature path that runs the blocks outside the model's ``forward`` and reads the tokens between
+them (timm's ``forward_intermediates``) runs inside ``runtime.dense_outputs()``: every block then
+returns full-length tokens and takes its reduced ones back.
 Gradient checkpointing needs nothing from the adapter: the runtime replays a recomputed block's
 state (`tmcore.runtime.Runtime`); an adapter that replaces a forward the backbone checkpoints
 itself (transformers' layers) calls the backbone's checkpoint function as the original would.
@@ -33,7 +33,6 @@ from functools import partial
 from importlib import metadata
 from typing import Any, ClassVar
 
-import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 from torch import Tensor, nn
@@ -42,7 +41,7 @@ from tmcore.errors import IncompatibleVersionError
 from tmcore.flops import BlockFlops
 from tmcore.plan import size_dtype, unit_sizes
 from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
-from tmcore.runtime import Runtime
+from tmcore.runtime import Runtime, attention_dtype
 from tmcore.state import TokenState
 
 __all__ = [
@@ -51,9 +50,14 @@ __all__ = [
     "attention_dtype",
     "needs_explicit_attention",
     "explicit_attention",
-    "capture_hook",
+    "bound_patch",
+    "BOUND",
     "token_weights",
 ]
+
+
+BOUND = "_tmcore_bound"
+"""Instance attribute of a module that `Patch.bind` or `Patch.capture` changed: its `Patch`."""
 
 
 class Patch:
@@ -80,6 +84,25 @@ class Patch:
     def add_hook(self, handle: Any) -> None:
         """Keep a ``torch.utils.hooks.RemovableHandle`` for removal."""
         self._log.append(("hook", handle))
+
+    def bind(self, module: nn.Module, name: str, function: Callable[..., Any], *args: Any) -> None:
+        """Set ``module.<name>`` to ``function(module, *args, ...)`` (``forward``, ``pool``, ...);
+        the function finds this patch as `bound_patch(module)`.
+
+        The patch travels on the module, not in the bound arguments: ``torch.compile`` guards an
+        object in a function's arguments by its identity, so a second model patched the same way
+        would recompile, but guards what it reads of a module's attributes by value. Bind only
+        plain values (ints, strings, modules, the module's own methods) as ``args``."""
+        if module.__dict__.get(BOUND) is not self:
+            self.set_attr(module, BOUND, self)
+        self.set_attr(module, name, partial(function, module, *args))
+
+    def capture(self, module: nn.Module, name: str, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Hand ``module``'s output (through ``transform``, e.g. a reshape to ``[B, H, N, d]``) to
+        the current forward's state as ``name`` (``q``, ``k`` or ``v``), by a forward hook."""
+        if module.__dict__.get(BOUND) is not self:
+            self.set_attr(module, BOUND, self)
+        self.add_hook(module.register_forward_hook(partial(_capture, name, transform)))
 
     def undo(self) -> None:
         while self._log:
@@ -156,7 +179,7 @@ class Adapter:
 
     def patch_block(self, block: nn.Module, layer: int, patch: Patch) -> None:
         """Replace ``block``'s forward (``patch.set_attr``) and add the capture hooks this block
-        needs (``patch.runtime.layer_needs[layer]``, `capture_hook`, ``patch.add_hook``)."""
+        needs (``patch.runtime.layer_needs[layer]``, `Patch.capture`)."""
         raise NotImplementedError
 
     def patch_model(self, model: nn.Module, patch: Patch) -> None:
@@ -186,27 +209,45 @@ class Adapter:
         size-weighted mean pool of the last hidden state (the sentence embedding)."""
         return output
 
+    def forward_scope(self, model: nn.Module) -> nn.Module:
+        """The module whose forward is one forward of the blocks (default: ``model``; a
+        transformers task model's base model, which its ``get_image_features`` calls directly)."""
+        return model
+
+    def input_padding(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+        """The ``[B, N]`` padding mask among the arguments of a `forward_scope` call (1 on real
+        tokens, right padding), or ``None`` for inputs without padding (default)."""
+        return None
+
+    def finish_forward(self, module: nn.Module, output: Any, state: TokenState | None) -> None:
+        """Called as a `forward_scope` call returns, with the forward's final state (``None`` if no
+        block ran): attach what the output should carry (sizes, padding). Default: nothing."""
+
     def patch(self, model: nn.Module, patch: Patch) -> None:
         """Patch ``model`` in place through ``patch.set_attr`` / ``patch.add_hook`` only:
-        `check`, `patch_block` for every block, `patch_model`, and a hook that clears the
-        per-forward state when the model's forward ends (also when it raises)."""
+        `check`, `patch_block` for every block, `patch_model`, and the forward of
+        `forward_scope`, which brackets each call: ``runtime.begin`` with the input's padding,
+        the original forward, `finish_forward`, ``runtime.end`` (also when it raises). A forward,
+        not a pair of hooks: under ``torch.compile`` it stays inside the model's one graph (dynamo
+        compiles a root module's hooks as frames of their own)."""
         self.check(model)
         for layer, block in enumerate(self.blocks(model)):
             self.patch_block(block, layer, patch)
         self.patch_model(model, patch)
-        patch.add_hook(model.register_forward_hook(partial(_clear_state, patch.runtime), always_call=True))
+        scope = self.forward_scope(model)
+        patch.bind(scope, "forward", _scoped_forward, scope.forward)
 
 
-def _clear_state(runtime: Runtime, module: nn.Module, args: Any, output: Any) -> None:
-    runtime.clear()
-
-
-def attention_dtype(x: Tensor) -> torch.dtype:
-    """The dtype q / k will have inside attention under autocast (a float mask must match it)."""
-    device = x.device.type
-    if device != "meta" and torch.is_autocast_enabled(device):  # meta has no autocast (shape-only runs)
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+def _scoped_forward(module: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    patch = bound_patch(module)
+    runtime = patch.runtime
+    runtime.begin(patch.adapter.input_padding(module, args, kwargs))
+    try:
+        output = forward(*args, **kwargs)
+        patch.adapter.finish_forward(module, output, runtime.current())
+        return output
+    finally:
+        runtime.end()
 
 
 def needs_explicit_attention(runtime: Runtime, layer: int, state: TokenState) -> bool:
@@ -251,16 +292,15 @@ def explicit_attention(
     return probs.to(v.dtype) @ v
 
 
-def capture_hook(runtime: Runtime, name: str, transform: Callable[[Tensor], Tensor] | None = None) -> Callable:
-    """A forward hook that hands a module's output (through ``transform``, e.g. a reshape to
-    ``[B, H, N, d]``) to the current forward's state as ``name`` (``q``, ``k`` or ``v``)."""
-    return partial(_capture, runtime, name, transform)
+def bound_patch(module: nn.Module) -> Patch:
+    """The `Patch` whose `Patch.bind` / `Patch.capture` changed ``module``."""
+    return module.__dict__[BOUND]
 
 
 def _capture(
-    runtime: Runtime, name: str, transform: Callable[[Tensor], Tensor] | None, module: nn.Module, args: Any, out: Tensor
+    name: str, transform: Callable[[Tensor], Tensor] | None, module: nn.Module, args: Any, out: Tensor
 ) -> None:
-    runtime.capture(name, out if transform is None else transform(out))
+    bound_patch(module).runtime.capture(name, out if transform is None else transform(out))
 
 
 def token_weights(state: TokenState | None, x: Tensor) -> Tensor | None:

@@ -24,7 +24,7 @@ from tmcore.errors import (
     UnsupportedModelError,
 )
 from tmcore.reducer import validate_config
-from tmcore.registry import PluginInfo, Registration, registry
+from tmcore.registry import PluginInfo, Registration, registry, uncompiled
 from tmcore.runtime import Runtime
 from tmcore.tracing import Trace
 
@@ -35,8 +35,9 @@ _FORMAT = "tmcore.reducer/1"
 
 
 def get_patch(model: nn.Module) -> Patch | None:
-    """The `Patch` ``tmcore.apply`` put on ``model``, or ``None``."""
-    return getattr(model, "__dict__", {}).get(_ATTR)
+    """The `Patch` ``tmcore.apply`` put on ``model`` (or on the model ``torch.compile`` wrapped),
+    or ``None``."""
+    return getattr(uncompiled(model), "__dict__", {}).get(_ATTR)
 
 
 def _require_patch(model: nn.Module, what: str) -> Patch:
@@ -146,12 +147,8 @@ def trace(model: nn.Module) -> Iterator[Trace]:
         t.sizes, t.source, t.source_matrix(), t.unmerge(tokens)
     """
     runtime = _require_patch(model, "tmcore.trace").runtime
-    record = Trace()
-    token = runtime.trace_var.set(record)
-    try:
+    with runtime.tracing(Trace()) as record:
         yield record
-    finally:
-        runtime.trace_var.reset(token)
 
 
 def save(model: nn.Module, path: str | Path) -> None:

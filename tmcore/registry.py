@@ -53,6 +53,13 @@ distribution for it (installed with tmcore; ``tmcore[timm]`` / ``tmcore[transfor
 library itself)."""
 
 
+def uncompiled(model: Any) -> Any:
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), or ``model`` itself:
+    tmcore's calls (trace, save, remove, the test kit) take the compiled model as well."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if inner is not None and type(model).__name__ == "OptimizedModule" else model
+
+
 def _normalize(name: str) -> str:
     return canonicalize_name(name)
 
@@ -216,6 +223,7 @@ class Registry:
 
     def find_adapter(self, model: Any) -> Registration:
         self.ensure_loaded()
+        model = uncompiled(model)
         for reg in self.adapters.values():
             if reg.obj.handles(model):
                 return reg

@@ -4,12 +4,12 @@ and neither imports it: plan -> tracing -> state -> reducer -> runtime -> adapte
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import os
+import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -30,9 +30,7 @@ from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
 from tmcore.state import LayerInputs, TokenState
 from tmcore.tracing import Trace
 
-__all__ = ["Runtime", "check_plans"]
-
-_ids = itertools.count()
+__all__ = ["Runtime", "check_plans", "attention_dtype"]
 
 _check_values = os.environ.get("TMCORE_CHECK_PLANS", "") not in ("", "0")
 
@@ -57,9 +55,14 @@ def check_plans(enabled: bool = True) -> bool:
 class Runtime:
     """The per-patch link between a model's patched modules and the current forward's state.
 
-    Adapters call, in each block: ``enter(layer, x, training, valid)`` first,
-    ``step(layer, x, state, bias, scale)`` at the reducer's `position` (between attention and
-    MLP, or after the block), ``x = exit(layer, x, state)`` last; hooks call ``capture``.
+    Adapters run each block through `run_block` (the block protocol: ``enter``, the bias, the
+    attention sub-layer, ``step`` at the reducer's `position`, the MLP sub-layer, ``exit``);
+    hooks call ``capture``. The model's forward is bracketed by `begin` / `end` (forward hooks
+    `tmcore.Adapter.patch` installs): the state of one forward lives in a slot that `begin` opens
+    on this thread's stack of forwards and `end` closes, so threads never see each other's state,
+    a forward run inside another (a hook that calls the model) gets its own, nothing per forward is
+    stored on a module, and ``torch.compile(model, fullgraph=True)`` traces it all (a
+    ``threading.local`` is plain Python to dynamo, where context variables break the graph).
     What block ``l`` can ever read is ``layer_needs[l]`` (the reducer's `needs`, asked once
     here): adapters install capture hooks for it, nothing where the reducer does nothing, so those
     blocks keep the backbone's fused attention. What it reads in the current forward is
@@ -112,23 +115,47 @@ class Runtime:
         self.live = callable(getattr(reducer, "live_needs", None))
         self._live_checked: tuple[frozenset[str], ...] | None = None
         self._entered: dict[tuple[Any, ...], tuple[weakref.ref, TokenState]] = {}
-        uid = next(_ids)
-        self._state: ContextVar[TokenState | None] = ContextVar(f"tmcore_state_{uid}", default=None)
-        self._dense: ContextVar[bool] = ContextVar(f"tmcore_dense_{uid}", default=False)
-        self._first_sample: ContextVar[int] = ContextVar(f"tmcore_first_sample_{uid}", default=0)
-        self.trace_var: ContextVar[Trace | None] = ContextVar(f"tmcore_trace_{uid}", default=None)
+        self._local = _Forwards()
 
-    def __reduce__(self) -> tuple[Any, ...]:  # ContextVars do not pickle or deepcopy: make new ones
+    def __reduce__(self) -> tuple[Any, ...]:  # a thread-local does not pickle or deepcopy: make a new one
         return (type(self), (self.reducer, self.info, self.full_length))
 
+    # -- one forward: its slot on this thread's stack ----------------------------------------------
+
+    def begin(self, valid: Tensor | None = None) -> None:
+        """A forward of the model starts (its forward pre-hook): open its slot. ``valid`` is the
+        input's ``[B, N]`` padding mask, which block 0 takes (``None``: every token is real)."""
+        self._local.forwards.append(_Forward(valid, began=True))
+
+    def end(self) -> None:
+        """The forward `begin` opened ends (its forward hook, also when it raised): close its slot."""
+        if self._local.forwards:
+            self._local.forwards.pop()
+
+    def _slot(self) -> _Forward:
+        """The current forward's slot; blocks run without the model's forward (timm's
+        ``forward_features``, a layer called directly) share one that stays open, so that a later
+        call reuses it instead of piling up."""
+        forwards = self._local.forwards
+        if not forwards:
+            forwards.append(_Forward(None, began=False))
+        return forwards[-1]
+
+    def in_forward(self) -> bool:
+        """Whether the current blocks run inside the model's forward (`begin` opened their slot)."""
+        forwards = self._local.forwards
+        return bool(forwards) and forwards[-1].began
+
     def current(self) -> TokenState | None:
-        return self._state.get()
+        forwards = self._local.forwards
+        return forwards[-1].state if forwards else None
 
     def clear(self) -> None:
-        self._state.set(None)
+        if self._local.forwards:
+            self._local.forwards[-1].state = None
 
     def capture(self, name: str, tensor: Tensor) -> None:
-        state = self._state.get()
+        state = self.current()
         if state is not None:
             state.captured[name] = tensor
 
@@ -141,18 +168,22 @@ class Runtime:
             x: ``[B, N, C]`` tokens entering the block.
             training: the block's training flag.
             valid: block 0 only: ``[B, N]`` padding mask of the input (``True`` / 1 on real
-                tokens, which must come first in every sample), ``None`` when every token is real.
+                tokens, which must come first in every sample), ``None`` when every token is real;
+                default: the mask the forward's `begin` got.
         """
         remember = training and not torch.compiler.is_compiling()
         if remember and self._entered and _in_backward():
             replay = self._replay(layer, x)
             if replay is not None:
                 return replay
-        state = self._state.get()
+        slot = self._slot()
+        state = slot.state
         if layer == 0 or state is None:
-            trace = self.trace_var.get()
+            local = self._local
+            trace = local.trace
             state = TokenState(self.info.num_protected, x.shape[1], self.reducer.prop_attn, trace)
-            state.first_sample = self._first_sample.get()
+            state.first_sample = local.first_sample
+            valid = valid if valid is not None else slot.valid
             if valid is not None:
                 state.valid = _padding_mask(valid, x)
             if training and self.soft:
@@ -163,10 +194,10 @@ class Runtime:
                 trace.reset()
             if self.live and state.mask is None:
                 state.needs = self._live_needs()
-            if state.mask is None and (trace is not None or self.full_length or self._dense.get()):
+            if state.mask is None and (trace is not None or self.full_length or local.dense):
                 state.source = identity_source(x.shape[0], x.shape[1], x.device)
             state.input_valid = state.valid
-            self._state.set(state)
+            slot.state = state
         if state.trace is not None:
             state.trace.token_counts.append(state.count(x))
         if remember:
@@ -194,7 +225,7 @@ class Runtime:
                 "use non-reentrant checkpointing: timm.layers.set_reentrant_ckpt(False), or "
                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
             )
-        self._state.set(state)
+        self._slot().state = state
         return state
 
     @contextmanager
@@ -202,24 +233,38 @@ class Runtime:
         """Inside the ``with`` block, forwards number their samples from ``first``
         (`TokenState.sample_index`): run sample ``i`` of a batch alone inside ``numbered_from(i)``
         and a stochastic reducer draws for it what it drew in the batch."""
-        token = self._first_sample.set(first)
+        local = self._local
+        previous, local.first_sample = local.first_sample, first
         try:
             yield
         finally:
-            self._first_sample.reset(token)
+            local.first_sample = previous
+
+    @contextmanager
+    def tracing(self, record: Trace) -> Iterator[Trace]:
+        """Inside the ``with`` block, forwards on this thread record into ``record``
+        (`tmcore.trace`)."""
+        local = self._local
+        previous, local.trace = local.trace, record
+        try:
+            yield record
+        finally:
+            local.trace = previous
 
     @contextmanager
     def dense_outputs(self) -> Iterator[None]:
         """Inside the ``with`` block, every block's output comes back at the input length (pruned
         positions zeros): for callers that read the token stream between blocks (timm's
-        ``forward_intermediates``) and are not the model's ``forward`` (so the state is cleared
-        here). Adapters that use it call `compact` after `enter`."""
-        token = self._dense.set(True)
+        ``forward_intermediates``) and are not the model's ``forward`` (so this opens and closes
+        their forward). `run_block` calls `compact` after `enter`."""
+        local = self._local
+        previous, local.dense = local.dense, True
+        self.begin()
         try:
             yield
         finally:
-            self._dense.reset(token)
-            self.clear()
+            self.end()
+            local.dense = previous
 
     def compact(self, x: Tensor, state: TokenState) -> Tensor:
         """The block's reduced tokens: ``x`` unless the previous block spread them to the input
@@ -248,12 +293,53 @@ class Runtime:
         self._live_checked = live
         return live
 
+    def run_block(
+        self,
+        layer: int,
+        x: Tensor,
+        attend: Callable[[Tensor, Tensor | None, TokenState], Tensor],
+        feed_forward: Callable[[Tensor], Tensor],
+        scale: float,
+        training: bool = False,
+        valid: Tensor | None = None,
+    ) -> Tensor:
+        """Block ``layer`` with the token reduction: the block protocol every adapter fills.
+
+        ``enter`` (block 0 opens the forward's state), ``compact`` (dense outputs), the bias
+        (``log(size)`` and padding, in the attention's dtype), ``attend``, `step` where the reducer's
+        `position` is ``attention``, ``feed_forward``, `step` where it is ``layer``, ``exit``.
+
+        Args:
+            layer: the block's index.
+            x: ``[B, N, C]`` tokens entering the block.
+            attend: ``(x, bias, state) -> x`` after the attention sub-layer, its residual and norm
+                included; the attention takes ``bias`` ``[B, 1, 1, N]`` (or ``None``) as its additive
+                mask, fused unless `tmcore.adapter.needs_explicit_attention`.
+            feed_forward: ``x -> x`` after the MLP sub-layer, residual and norm included.
+            scale: the attention's logit scale (for attention-based scores).
+            training: the block's training flag.
+            valid: block 0 only: the input's padding mask when the forward's `begin` did not get it.
+
+        Returns:
+            The block's output ``[B, M, C]``.
+        """
+        state = self.enter(layer, x, training, valid)
+        x = self.compact(x, state)
+        bias = state.attn_bias(attention_dtype(x))
+        x = attend(x, bias, state)
+        if self.position == "attention":
+            x = self.step(layer, x, state, bias, scale)
+        x = feed_forward(x)
+        if self.position == "layer":
+            x = self.step(layer, x, state, bias, scale)
+        return self.exit(layer, x, state)
+
     def step(self, layer: int, x: Tensor, state: TokenState, bias: Tensor | None, scale: float) -> Tensor:
         """Score, match and reduce ``x`` ``[B, N, C]`` after the attention of block ``layer``.
 
         ``bias`` and ``scale`` are what this block's attention used (for attention-based scores).
         """
-        with torch.profiler.record_function("tmcore::reduce"):
+        with _profiled("tmcore::reduce"):
             inputs = LayerInputs(state.captured, bias, scale, self.block_needs(layer, state), x)
             reducer = self.reducer
             if state.mask is not None:
@@ -309,7 +395,7 @@ class Runtime:
         if last and state.trace is not None:
             sizes = state.size if state.size is not None else unit_sizes(x)
             state.trace.finish(state.count(x), sizes, state.source, state.valid)
-        if state.source is None or not (self._dense.get() or (last and self.full_length)):
+        if state.source is None or not (self._local.dense or (last and self.full_length)):
             return x
         num_slots = x.shape[1]
         x = spread(x, state.source)
@@ -318,6 +404,41 @@ class Runtime:
         else:
             state.expanded = num_slots
         return x
+
+
+class _Forward:
+    """One forward's slot: its input padding mask (for block 0) and, from block 0 on, its state."""
+
+    __slots__ = ("valid", "began", "state")
+
+    def __init__(self, valid: Tensor | None, began: bool) -> None:
+        self.valid = valid
+        self.began = began
+        self.state: TokenState | None = None
+
+
+class _Forwards(threading.local):
+    """One thread's forwards through a patch (a stack: a forward may run inside another) and the
+    options its caller set around them (`Runtime.tracing`, `numbered_from`, `dense_outputs`)."""
+
+    def __init__(self) -> None:
+        self.forwards: list[_Forward] = []
+        self.trace: Trace | None = None
+        self.first_sample = 0
+        self.dense = False
+
+
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype q / k will have inside attention under autocast (a float mask must match it)."""
+    device = x.device.type
+    if device != "meta" and torch.is_autocast_enabled(device):  # meta has no autocast (shape-only runs)
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _profiled(name: str) -> contextlib.AbstractContextManager:
+    """A profiler range around eager code; nothing under ``torch.compile`` (dynamo drops it)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch.profiler.record_function(name)
 
 
 def _in_backward() -> bool:
@@ -344,23 +465,28 @@ def _checked_needs(reducer: TokenReducer, layer: int) -> frozenset[str]:
     return needs
 
 
-def _padding_mask(valid: Tensor, x: Tensor) -> Tensor | None:
-    """An input padding mask as ``[B, N]`` bool, ``None`` when every token is real; refuses
-    masks of the wrong shape and left padding (real tokens must come first: one host sync per
-    forward)."""
+_LEFT_PADDING = (
+    "the attention mask has padding before real tokens (left padding); token reduction needs the real "
+    "tokens first in every sample: tokenize with padding_side='right'"
+)
+
+
+def _padding_mask(valid: Tensor, x: Tensor) -> Tensor:
+    """An input padding mask as ``[B, N]`` bool on the tokens' device; refuses masks of the wrong
+    shape, and left padding (real tokens must come first) without a host synchronisation: a
+    device-side assertion, which raises here on the CPU and fails the forward on a GPU.
+
+    A mask with no padding at all still takes the padded path (telling would need a sync): pass
+    ``attention_mask=None`` for a batch without padding to keep the fixed-count fast path."""
     if valid.shape != x.shape[:2]:
         raise InvalidInputError(
             f"padding mask of shape {tuple(valid.shape)} for tokens of shape {tuple(x.shape)}; "
             f"allowed: [batch, tokens] = {tuple(x.shape[:2])}"
         )
     valid = valid.to(device=x.device, dtype=torch.bool)
-    # both questions in one transfer: everything real? padding before a real token?
-    all_real, left_padded = torch.stack([valid.all(), (valid[:, 1:] & ~valid[:, :-1]).any()]).tolist()
-    if all_real:
-        return None
-    if left_padded:
-        raise TmcoreError(
-            "the attention mask has padding before real tokens (left padding); token reduction needs the real "
-            "tokens first in every sample: tokenize with padding_side='right'"
-        )
+    left_padded = (valid[:, 1:] & ~valid[:, :-1]).any()
+    try:
+        torch._assert_async(~left_padded, f"tmcore: {_LEFT_PADDING}")
+    except RuntimeError:  # eager on the CPU: the assertion ran here
+        raise TmcoreError(_LEFT_PADDING) from None
     return valid

@@ -374,7 +374,8 @@ class AdapterConformance:
     Checks, on each of the adapter's tiny models: ToMe's identity config gives the unpatched
     outputs and its counts follow the schedule sample by sample; every installed reducer runs
     with finite outputs and fewer tokens (or is refused with `UnsupportedModelError`);
-    `tmcore.remove` is bit-exact; threads share one patched model; deep copies are independent;
+    `tmcore.remove` is bit-exact; threads share one patched model; a forward runs inside another;
+    deep copies are independent;
     ``full_length=True`` gives the input length; the adapter's FLOP model equals
     ``FlopCounterMode`` on the blocks.
     """
@@ -468,6 +469,31 @@ class AdapterConformance:
             th.join()
         for i, ref in enumerate(expected):
             assert torch.equal(results[i], ref)
+
+    def test_a_forward_inside_a_forward(self, model: nn.Module) -> None:
+        """A forward run inside another (a hook of block 1 calls the model on other inputs) gets a
+        state of its own, and the outer forward goes on with its own: both give what they give
+        alone."""
+        adapter = registry.adapter_for(model)
+        tmcore.apply(model, "tome", r=3)
+        outer_x, inner_x = adapter.example_inputs(model, seed=1), adapter.example_inputs(model, seed=2)
+        with torch.no_grad():
+            expected = run(model, outer_x), run(model, inner_x)
+            inner: list[Tensor] = []
+            calls: list[bool] = []
+
+            def nested(module: nn.Module, args: Any, output: Any) -> None:
+                if not calls:  # once: the inner forward runs block 1 too
+                    calls.append(True)
+                    inner.append(run(model, inner_x))
+
+            handle = adapter.blocks(model)[1].register_forward_hook(nested)
+            try:
+                outer = run(model, outer_x)
+            finally:
+                handle.remove()
+        torch.testing.assert_close(outer, expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(inner[0], expected[1], rtol=0, atol=0)
 
     def test_deepcopy(self, model: nn.Module) -> None:
         x = registry.adapter_for(model).example_inputs(model)

@@ -14,6 +14,7 @@ from tmcore.reducer import ModelInfo, TokenReducer, validate_config
 from tmcore.registry import registry
 from tmcore.runtime import Runtime
 from tmcore.state import LayerInputs, TokenState
+from tmcore.tracing import Trace
 
 __all__ = [
     "make_reducer",
@@ -149,19 +150,22 @@ def run_blocks(
         the last)``.
     """
     rt = Runtime(reducer, reducer.info)
-    counts: list[int | Tensor] = []
-    for layer in range(reducer.info.num_layers):
-        state = rt.enter(layer, x, training=training, valid=valid if layer == 0 else None)
-        counts.append(state.count(x))
+    scale = _scale(x, heads)
+
+    def attend(x: Tensor, bias: Tensor | None, state: TokenState) -> Tensor:
         q, k, v = project_qkv(x, heads)
         for name, t in zip("qkv", (q, k, v)):
             rt.capture(name, t)
-        bias = state.attn_bias(x.dtype)
         if needs_explicit_attention(rt, layer, state):
-            explicit_attention(q, k, v, _scale(x, heads), bias, state, rt)
-        x = rt.exit(layer, rt.step(layer, x, state, bias, _scale(x, heads)), state)
-    counts.append(state.count(x))
-    return x, state, counts
+            explicit_attention(q, k, v, scale, bias, state, rt)
+        return x
+
+    with rt.tracing(Trace()) as trace:
+        for layer in range(reducer.info.num_layers):
+            x = rt.run_block(layer, x, attend, lambda x: x, scale, training, valid if layer == 0 else None)
+    state = rt.current()
+    assert state is not None
+    return x, state, trace.token_counts
 
 
 def assert_blocks_equal_samples(

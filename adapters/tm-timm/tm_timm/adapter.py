@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError, TokenState
-from tmcore.adapter import attention_dtype, capture_hook, explicit_attention, needs_explicit_attention, token_weights
+from tmcore.adapter import bound_patch, explicit_attention, needs_explicit_attention, token_weights
 from tmcore.flops import BlockFlops
 from tmcore.pooling import weighted_mean
 
@@ -53,12 +53,7 @@ def _attention_probs(attn: nn.Module, x: Tensor, bias: Tensor | None, state: Tok
 
 
 def _block_forward(
-    block: nn.Module,
-    runtime: Runtime,
-    layer: int,
-    x: Tensor,
-    attn_mask: Tensor | None = None,
-    is_causal: bool = False,
+    block: nn.Module, layer: int, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
 ) -> Tensor:
     """timm ``Block.forward`` with the token reduction at the reducer's position."""
     if attn_mask is not None or is_causal:
@@ -66,20 +61,25 @@ def _block_forward(
             "a tmcore-patched timm block got attn_mask / is_causal from the caller; token reduction "
             "changes the sequence, so caller masks are not supported (call tmcore.remove first)"
         )
-    state = runtime.enter(layer, x, block.training)
-    x = runtime.compact(x, state)
-    bias = state.attn_bias(attention_dtype(x))
+    runtime = bound_patch(block).runtime
+    attend = partial(_attend, block, runtime, layer)
+    return runtime.run_block(layer, x, attend, partial(_feed_forward, block), block.attn.scale, block.training)
+
+
+def _attend(
+    block: nn.Module, runtime: Runtime, layer: int, x: Tensor, bias: Tensor | None, state: TokenState
+) -> Tensor:
+    """The block's first residual line, with ``bias`` as the attention's ``attn_mask``."""
     if needs_explicit_attention(runtime, layer, state):
         y = _attention_probs(block.attn, block.norm1(x), bias, state, runtime)
     else:
         y = block.attn(block.norm1(x), attn_mask=bias)
-    x = x + block.drop_path1(block.ls1(y))
-    if runtime.position == "attention":
-        x = runtime.step(layer, x, state, bias, block.attn.scale)
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    if runtime.position == "layer":
-        x = runtime.step(layer, x, state, bias, block.attn.scale)
-    return runtime.exit(layer, x, state)
+    return x + block.drop_path1(block.ls1(y))
+
+
+def _feed_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """The block's second residual line."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def _v_heads(heads: int, head_dim: int, qkv: Tensor) -> Tensor:
@@ -87,11 +87,11 @@ def _v_heads(heads: int, head_dim: int, qkv: Tensor) -> Tensor:
     return qkv.reshape(b, n, 3, heads, head_dim)[:, :, 2].transpose(1, 2)
 
 
-def _weighted_pool(model: nn.Module, runtime: Runtime, x: Tensor, pool_type: str | None = None) -> Tensor:
+def _weighted_pool(model: nn.Module, x: Tensor, pool_type: str | None = None) -> Tensor:
     """``VisionTransformer.pool`` with size-weighted averaging of merged tokens; padding slots
     (ragged batches) and soft-masked tokens (training mode) weigh 0."""
     pool_type = model.global_pool if pool_type is None else pool_type
-    weight = token_weights(runtime.current(), x)
+    weight = token_weights(bound_patch(model).runtime.current(), x)
     if weight is None or pool_type not in ("avg", "avgmax"):
         return type(model).pool(model, x, pool_type)
     if not model.pool_include_prefix:
@@ -104,11 +104,11 @@ def _weighted_pool(model: nn.Module, runtime: Runtime, x: Tensor, pool_type: str
     return 0.5 * (top + avg)
 
 
-def _forward_intermediates(model: nn.Module, runtime: Runtime, *args: Any, **kwargs: Any) -> Any:
+def _forward_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """timm's ``forward_intermediates`` (and ``get_intermediate_layers``, which calls it) with every
     block's output spread back to the full patch grid, so the returned feature maps have the
     unreduced shape: each patch position holds its merged group's value, pruned positions zeros."""
-    with runtime.dense_outputs():
+    with bound_patch(model).runtime.dense_outputs():
         return type(model).forward_intermediates(model, *args, **kwargs)
 
 
@@ -202,17 +202,16 @@ class TimmViT(Adapter):
     def patch_block(self, block: nn.Module, layer: int, patch: Patch) -> None:
         runtime = patch.runtime
         needs = runtime.layer_needs[layer]  # blocks that need nothing keep fused attention and get no hooks
-        patch.set_attr(block, "forward", partial(_block_forward, block, runtime, layer))
+        patch.bind(block, "forward", _block_forward, layer)
         attn = block.attn
         if needs & {"keys", "cls_attn", "attn"}:
-            patch.add_hook(attn.k_norm.register_forward_hook(capture_hook(runtime, "k")))
+            patch.capture(attn.k_norm, "k")
         if needs & {"cls_attn", "attn"}:
-            patch.add_hook(attn.q_norm.register_forward_hook(capture_hook(runtime, "q")))
+            patch.capture(attn.q_norm, "q")
         if "values" in needs:
-            v_heads = partial(_v_heads, attn.num_heads, attn.head_dim)
-            patch.add_hook(attn.qkv.register_forward_hook(capture_hook(runtime, "v", v_heads)))
+            patch.capture(attn.qkv, "v", partial(_v_heads, attn.num_heads, attn.head_dim))
 
     def patch_model(self, model: nn.Module, patch: Patch) -> None:
-        patch.set_attr(model, "forward_intermediates", partial(_forward_intermediates, model, patch.runtime))
+        patch.bind(model, "forward_intermediates", _forward_intermediates)
         if model.global_pool in ("avg", "avgmax"):
-            patch.set_attr(model, "pool", partial(_weighted_pool, model, patch.runtime))
+            patch.bind(model, "pool", _weighted_pool)

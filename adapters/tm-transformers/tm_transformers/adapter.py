@@ -21,7 +21,6 @@ import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from operator import attrgetter
 from typing import Any
 
@@ -29,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from tm_transformers.attention import LINK, PREFIX, WRAPPED, Link, implementation_name, register
-from tm_transformers.layers import LAYOUTS, InputMask, layer_forward
-from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError, UnsupportedModelError, get_patch
+from tm_transformers.layers import LAYOUTS, layer_forward
+from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, TmcoreError, TokenState, UnsupportedModelError, get_patch
 from tmcore.flops import BlockFlops
 from tmcore.plan import unit_sizes
 from tmcore.pooling import mean_pool
@@ -199,26 +198,23 @@ def _attention_mask_index(base: nn.Module) -> int | None:
     return params.index("attention_mask") if "attention_mask" in params else None
 
 
-def _take_mask(inputs: InputMask, index: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook on the base model: hand the user's 2D padding mask to block 0."""
+def _padding_argument(base: nn.Module, index: int | None, args: tuple, kwargs: dict) -> Tensor | None:
+    """The user's 2D padding mask among a base model call's arguments (a forward pre-hook's view);
+    ``index``: its position among the positional arguments (`_attention_mask_index`)."""
     mask = kwargs.get("attention_mask")
     if mask is None and index is not None and len(args) > index:
         mask = args[index]
     if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise TmcoreError(
-            f"a tmcore-patched {type(module).__name__} got an attention_mask of shape {shape}; token reduction "
+            f"a tmcore-patched {type(base).__name__} got an attention_mask of shape {shape}; token reduction "
             "needs the 2D [batch, tokens] padding mask (1 on real tokens, right padding)"
         )
-    inputs.set(mask)
+    return mask
 
 
-def _finish(runtime: Runtime, inputs: InputMask, module: nn.Module, args: tuple, output: Any) -> None:
-    """Forward hook on the base model (also when it raises): attach the final token sizes and
-    padding mask to its output, then drop this forward's state."""
-    inputs.reset()
-    state = runtime.current()
-    runtime.clear()
+def _attach_sizes(output: Any, state: TokenState | None) -> None:
+    """Attach the final token sizes and padding mask to a base model's output."""
     if state is None or not isinstance(output, Mapping) or output.get("last_hidden_state") is None:
         return
     hidden = output["last_hidden_state"]
@@ -303,23 +299,28 @@ class TransformersEncoders(Adapter):
                 "input length (tokens come back to their positions through the source map)"
             )
         register()
-        self._inputs = InputMask()  # shared by block 0 and the base model's hooks of this patch
+        self._mask_index = _attention_mask_index(resolve(model)[1])  # read once: no signature per call
         super().patch(model, patch)
 
     def patch_block(self, block: nn.Module, layer: int, patch: Patch) -> None:
         layout = _LAYOUT_OF_LAYER[type(block).__name__]
         attention = LAYOUTS[layout].attention(block)
-        patch.set_attr(block, "forward", partial(layer_forward, layout, block, patch.runtime, self._inputs, layer))
+        patch.bind(block, "forward", layer_forward, layout, layer)
         patch.set_attr(attention, LINK, Link(patch.runtime, layer))
         impl = attention.config._attn_implementation
         if impl is None or not impl.startswith(PREFIX):  # the config is shared: switch it once
             patch.set_attr(attention.config, "_attn_implementation_internal", implementation_name(impl))
 
-    def patch_model(self, model: nn.Module, patch: Patch) -> None:
-        _, base = resolve(model)
-        index = _attention_mask_index(base)
-        patch.add_hook(base.register_forward_pre_hook(partial(_take_mask, self._inputs, index), with_kwargs=True))
-        patch.add_hook(base.register_forward_hook(partial(_finish, patch.runtime, self._inputs), always_call=True))
+    def forward_scope(self, model: nn.Module) -> nn.Module:
+        """The base model (``model.bert``, a CLIP vision tower): task heads and ``CLIPModel``'s
+        ``get_image_features`` call it, and its outputs get the sizes and padding mask."""
+        return resolve(model)[1]
+
+    def input_padding(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+        return _padding_argument(module, self._mask_index, args, kwargs)
+
+    def finish_forward(self, module: nn.Module, output: Any, state: TokenState | None) -> None:
+        _attach_sizes(output, state)
 
     def flops(self, model: nn.Module) -> BlockFlops:
         family, base = resolve(model)

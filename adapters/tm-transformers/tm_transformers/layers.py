@@ -15,14 +15,13 @@ Four layouts cover the supported families:
 
 The attention submodule gets the state's additive bias (``log(size)``, the lowest value on
 padding) as its own ``attention_mask`` argument; the mask the encoder passes is for the unreduced length and is
-ignored (block 0 takes the padding from the model's 2D ``attention_mask`` through `InputMask`).
+ignored (block 0 takes the padding from the base model's 2D ``attention_mask``, which the forward
+pre-hook hands to `tmcore.Runtime.begin`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -32,44 +31,12 @@ from torch import Tensor, nn
 
 from tm_transformers.attention import PREFIX
 from tmcore import Runtime, TmcoreError
-from tmcore.adapter import attention_dtype
+from tmcore.adapter import bound_patch
 
-__all__ = ["LAYOUTS", "Layout", "InputMask", "layer_forward"]
-
-_ids = itertools.count()
-_UNSET: Any = object()
+__all__ = ["LAYOUTS", "Layout", "layer_forward"]
 
 # Arguments a decoder layer receives; an encoder gets None for each (or nothing).
 _DECODER_ARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "past_key_value")
-
-
-class InputMask:
-    """The 2D padding mask the base model was called with, handed from the base model's forward
-    pre-hook to block 0 (a ContextVar: one per thread / task, never stored on a module)."""
-
-    def __init__(self) -> None:
-        self._var: ContextVar[Any] = ContextVar(f"tm_transformers_mask_{next(_ids)}", default=_UNSET)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # ContextVars do not deep-copy: a copy gets its own
-        return (InputMask, ())
-
-    def set(self, mask: Tensor | None) -> None:
-        self._var.set(mask)
-
-    def reset(self) -> None:
-        self._var.set(_UNSET)
-
-    def for_block0(self, layer_mask: Tensor | None) -> Tensor | None:
-        """``[B, N]`` padding mask for ``runtime.enter``; ``layer_mask`` is what the encoder passed."""
-        mask = self._var.get()
-        if mask is _UNSET:  # no base-model call: someone ran the encoder or a layer directly
-            if layer_mask is not None:
-                raise TmcoreError(
-                    "a tmcore-patched transformers layer got an attention mask, but the model itself was not called; "
-                    "call the model (model(input_ids, attention_mask=...)) so tmcore sees the 2D padding mask"
-                )
-            return None
-        return mask
 
 
 @dataclass(frozen=True)
@@ -165,10 +132,8 @@ LAYOUTS: dict[str, Layout] = {
 
 
 def layer_forward(
-    layout: str,
     block: nn.Module,
-    runtime: Runtime,
-    inputs: InputMask,
+    layout: str,
     layer: int,
     hidden_states: Tensor,
     attention_mask: Tensor | None = None,
@@ -178,11 +143,12 @@ def layer_forward(
     """A supported layer's forward with the reduction at ``runtime.position``.
 
     Args:
-        layout: key of `LAYOUTS`.
-        block, runtime, inputs, layer: bound by the adapter.
+        block, layout, layer: bound by the adapter (`tmcore.Patch.bind`; the runtime is
+            ``bound_patch(block).runtime``); ``layout`` is a key of `LAYOUTS`.
         hidden_states: ``[B, N, C]``.
-        attention_mask: the encoder's mask for the unreduced length: ignored (block 0 reads the
-            input's padding from ``inputs``; the state's bias carries it afterwards).
+        attention_mask: the encoder's mask for the unreduced length: ignored (block 0 takes the
+            input's padding from the base model's call, `tmcore.Runtime.begin`; the state's bias
+            carries it afterwards).
         args, kwargs: the rest of the layer's call; decoder arguments must be unset, the others
             (e.g. ``position_ids``) go to the attention as in the unpatched layer.
 
@@ -190,37 +156,30 @@ def layer_forward(
         ``[B, M, C]``: ``M < N`` after a reduction, ``N`` again at the last block with ``full_length``.
     """
     kwargs = _encoder_kwargs(args, kwargs)
-    valid = inputs.for_block0(attention_mask) if layer == 0 else None
+    runtime = bound_patch(block).runtime
+    if layer == 0 and attention_mask is not None and not runtime.in_forward():
+        raise TmcoreError(
+            "a tmcore-patched transformers layer got an attention mask, but the model itself was not called; "
+            "call the model (model(input_ids, attention_mask=...)) so tmcore sees the 2D padding mask"
+        )
+    run = partial(_reduced_forward, layout, block, runtime, layer, kwargs=kwargs)
     if getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled():
         # transformers checkpoints the class's forward, which this instance forward replaces: do the
         # same here (the runtime replays the block's state when the backward pass recomputes it)
-        run = partial(_reduced_forward, layout, block, runtime, layer, valid=valid, kwargs=kwargs)
         return block._gradient_checkpointing_func(run, hidden_states)
-    return _reduced_forward(layout, block, runtime, layer, hidden_states, valid, kwargs)
+    return run(hidden_states)
 
 
-def _reduced_forward(
-    layout: str,
-    block: nn.Module,
-    runtime: Runtime,
-    layer: int,
-    x: Tensor,
-    valid: Tensor | None,
-    kwargs: dict[str, Any],
-) -> Tensor:
-    """`layer_forward`'s work on ``x`` ``[B, N, C]`` (block 0's padding mask ``valid``), the part
-    gradient checkpointing recomputes."""
+def _reduced_forward(layout: str, block: nn.Module, runtime: Runtime, layer: int, x: Tensor, kwargs: dict) -> Tensor:
+    """`layer_forward`'s work on ``x`` ``[B, N, C]``, the part gradient checkpointing recomputes."""
     spec = LAYOUTS[layout]
     _check_dispatch(spec.attention(block), runtime, layer)
-    state = runtime.enter(layer, x, block.training, valid=valid)
-    bias = state.attn_bias(attention_dtype(x))
-    x = spec.attend(block, x, bias, kwargs)
-    if runtime.position == "attention":
-        x = runtime.step(layer, x, state, bias, spec.scale(block))
-    x = spec.feed_forward(block, x)
-    if runtime.position == "layer":
-        x = runtime.step(layer, x, state, bias, spec.scale(block))
-    return runtime.exit(layer, x, state)
+    attend = partial(_attend, spec.attend, block, kwargs)
+    return runtime.run_block(layer, x, attend, partial(spec.feed_forward, block), spec.scale(block), block.training)
+
+
+def _attend(attend: Callable, block: nn.Module, kwargs: dict, x: Tensor, bias: Tensor | None, state: Any) -> Tensor:
+    return attend(block, x, bias, kwargs)  # tmcore's attention function reads the state itself
 
 
 def _encoder_kwargs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
