@@ -87,9 +87,10 @@ class TokenReducer(Protocol):
     reduces, `POSITIONS`), ``description`` (``tmcore plugins``), ``identity_config``
     (a config that changes nothing, or ``None``; the conformance suite checks it is exact),
     ``example_configs`` (configs that reduce; the test matrix and ``tmcore bench`` use them),
-    ``merge_only`` (every input token survives inside some output: sizes are conserved) and
-    ``stochastic`` (random by design: draws from ``state.sample_index(x)``, so a sample alone
-    draws what it drew in its batch).
+    ``merge_only`` (every input token survives inside some output: sizes are conserved),
+    ``adaptive`` (token counts depend on the values, per sample: ragged plans, a host sync per
+    reduction, no ``fullgraph`` compile) and ``stochastic`` (random by design: draws from
+    ``state.sample_index(x)``, so a sample alone draws what it drew in its batch).
 
     Instances are built once per ``tmcore.apply`` as ``cls(config, info)`` from a validated config
     and the `ModelInfo`, and hold no per-forward state; ``prop_attn`` says whether attention gets
@@ -122,6 +123,7 @@ class TokenReducer(Protocol):
     identity_config: ClassVar[dict[str, Any] | None]
     example_configs: ClassVar[tuple[dict[str, Any], ...]]
     merge_only: ClassVar[bool]
+    adaptive: ClassVar[bool]
     stochastic: ClassVar[bool]
     config: ReducerConfig
     info: ModelInfo
@@ -152,6 +154,7 @@ CONTRACT_ATTRIBUTES = (
     "identity_config",
     "example_configs",
     "merge_only",
+    "adaptive",
     "stochastic",
 )
 """The class attributes of `TokenReducer`."""
@@ -177,7 +180,7 @@ def check_reducer(cls: Any) -> list[str]:
 
     attr("config_model", is_config_class, "a tmcore.ReducerConfig subclass")
     attr("requires", lambda v: isinstance(v, frozenset) and v <= INPUTS, f"a frozenset of {sorted(INPUTS)}")
-    for flag in ("requires_class_token", "merge_only", "stochastic"):
+    for flag in ("requires_class_token", "merge_only", "adaptive", "stochastic"):
         attr(flag, lambda v: isinstance(v, bool), "True or False")
     attr("position", lambda v: v in POSITIONS, f"one of {sorted(POSITIONS)}")
     attr("description", lambda v: isinstance(v, str), "a string")
@@ -217,6 +220,11 @@ class BaseReducer:
     position: ClassVar[str] = "attention"
     """Where in a block it reduces (`POSITIONS`): after the attention sub-layer, or
     ``layer``, after the whole block."""
+    adaptive: ClassVar[bool] = False
+    """Token counts depend on the values, per sample (LTMP's thresholds): plans are ragged
+    (`tmcore.plan.pack` learns their size with one host sync), the meta device is refused, and
+    ``torch.compile`` runs with graph breaks. Fixed-count reducers (``False``) compile with
+    ``fullgraph=True`` and sync with the host nowhere; the conformance suite holds them to it."""
     stochastic: ClassVar[bool] = False
     """Random by design: draws depend on the config's seed, the block, the token positions and
     ``state.sample_index(x)``, so results are reproducible and a sample draws the same alone as

@@ -57,9 +57,10 @@ class Runtime:
 
     Adapters run each block through `run_block` (the block protocol: ``enter``, the bias, the
     attention sub-layer, ``step`` at the reducer's `position`, the MLP sub-layer, ``exit``);
-    hooks call ``capture``. The model's forward is bracketed by `begin` / `end` (forward hooks
-    `tmcore.Adapter.patch` installs): the state of one forward lives in a slot that `begin` opens
-    on this thread's stack of forwards and `end` closes, so threads never see each other's state,
+    hooks call ``capture``. The model's forward is bracketed by `begin` / `end` (in the forward
+    `tmcore.Adapter.patch` binds on the adapter's ``forward_scope``): the state of one forward
+    lives in a slot that `begin` opens on this thread's stack of forwards and `end` closes, so
+    threads never see each other's state,
     a forward run inside another (a hook that calls the model) gets its own, nothing per forward is
     stored on a module, and ``torch.compile(model, fullgraph=True)`` traces it all (a
     ``threading.local`` is plain Python to dynamo, where context variables break the graph).

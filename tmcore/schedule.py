@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
 from typing import Any
 
+from tmcore.compiling import per_shape, warn_in_forward
 from tmcore.config import Integer, Number, Rule, check_pair, field_type, pair_json, rule_of
 from tmcore.errors import InvalidConfigError, ScheduleClampWarning
 from tmcore.matching import max_bipartite_r, max_prune_r
@@ -99,20 +99,28 @@ def clamped_r(
     out, capped = _clamp(tuple(r_list), num_tokens, num_protected, kind)
     if capped:
         warnings.warn(
-            f"r exceeds {_LIMITS[kind][1]} for {num_tokens} tokens "
-            f"({num_protected} protected) and was capped: " + ", ".join(capped),
-            ScheduleClampWarning,
-            stacklevel=stacklevel + 1,
+            _capped_message(capped, num_tokens, num_protected, kind), ScheduleClampWarning, stacklevel=stacklevel + 1
         )
     return out
 
 
-@lru_cache(maxsize=256)
+def _capped_message(capped: list[str], num_tokens: int, num_protected: int, kind: str) -> str:
+    return (
+        f"r exceeds {_LIMITS[kind][1]} for {num_tokens} tokens "
+        f"({num_protected} protected) and was capped: " + ", ".join(capped)
+    )
+
+
+@per_shape(maxsize=256)
 def clamped_r_cached(
     r_list: tuple[int, ...], num_tokens: int, num_protected: int, kind: str = "bipartite"
 ) -> tuple[int, ...]:
-    """`clamped_r` for the forward pass: computed (and warned about) once per input shape."""
-    return clamped_r(r_list, num_tokens, num_protected, kind=kind)
+    """`clamped_r` for the forward pass: computed (and warned about) once per input shape, also
+    inside a compiled graph (`tmcore.compiling`)."""
+    out, capped = _clamp(r_list, num_tokens, num_protected, kind)
+    if capped:
+        warn_in_forward(_capped_message(capped, num_tokens, num_protected, kind), ScheduleClampWarning)
+    return out
 
 
 def token_counts(r_list: list[int] | tuple[int, ...], num_tokens: int) -> list[int]:

@@ -1,8 +1,9 @@
 """Per-forward token state, and what a reducer may read from one attention layer.
 
-A `TokenState` lives for one forward call, in a ``ContextVar`` owned by the patch's
-`tmcore.runtime.Runtime`: it is never stored on a module, so one patched model can run in several
-threads (each thread has its own context). This module imports only `tmcore.tracing`, a leaf.
+A `TokenState` lives for one forward call, in that forward's slot on a thread-local stack owned by
+the patch's `tmcore.runtime.Runtime`: it is never stored on a module, so one patched model can run
+in several threads at once, and a forward inside another gets its own. This module imports only
+`tmcore.tracing`, a leaf.
 """
 
 from __future__ import annotations

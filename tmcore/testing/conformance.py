@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 import tmcore
 from tmcore.inputs import padding_mask, split_samples
-from tmcore.registry import registry
+from tmcore.registry import registry, uncompiled
+from tmcore.testing.syncs import count_host_syncs
 
 __all__ = [
     "ReducerConformance",
@@ -22,7 +23,14 @@ __all__ = [
     "tiny_models",
     "tiny_timm_models",
     "run",
+    "compile_counting_graphs",
+    "REPORT",
 ]
+
+REPORT: list[str] = []
+"""What adaptive reducers cost per forward (host syncs, compiled graphs), one line per reducer,
+model and config, as the conformance suite found it; the test kit's pytest plugin prints it at the
+end of the run."""
 
 
 def tiny_models(adapter: str | None = None) -> dict[str, Callable[[], nn.Module]]:
@@ -41,13 +49,20 @@ def tiny_timm_models() -> dict[str, Callable[[], nn.Module]]:
 
 
 def run(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-    """``model(**inputs)`` as the adapter's comparable output tensor."""
-    return registry.adapter_for(model).output_tensor(model, model(**inputs), inputs)
+    """``model(**inputs)`` as the adapter's comparable output tensor (``model`` may be compiled)."""
+    base = uncompiled(model)
+    return registry.adapter_for(base).output_tensor(base, model(**inputs), inputs)
 
 
 def _most(count: int | Tensor) -> int:
     """A trace token count as an int: ragged batches report ``[B]`` tensors; take the largest."""
     return count if isinstance(count, int) else int(count.max())
+
+
+def _name(model: nn.Module) -> str:
+    """A tiny model's test-kit name (``timm:vit``), or its class name."""
+    info = registry.adapter_for(model).describe(model)
+    return f"{info.family} {type(model).__name__}"
 
 
 def _per_sample(count: int | Tensor, batch: int) -> Tensor:
@@ -71,6 +86,24 @@ def _unpatched_or_skip(model: nn.Module, inputs: dict[str, Tensor], what: str) -
         return run(model, inputs)
     except RuntimeError as exc:
         pytest.skip(f"the unpatched model cannot run {what} either: {exc}")
+
+
+def compile_counting_graphs(model: Callable[..., Any], fullgraph: bool = True) -> tuple[Any, list[Any]]:
+    """``(torch.compile(model, fullgraph=...), the graphs dynamo hands the backend)`` for a module
+    or a method such as timm's ``forward_intermediates``, compiled
+    afresh (dynamo's caches reset) with AOTAutograd and eager kernels: what inductor would be
+    given, at a fraction of its compile time. One graph means no graph break anywhere."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs: list[Any] = []
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=fullgraph, backend=backend), graphs
 
 
 def _enable_checkpointing(model: nn.Module) -> bool:
@@ -272,6 +305,58 @@ class ReducerConformance:
                 out = run(model, padded)
                 assert torch.isfinite(out).all(), f"{config}: a sample of only padding gives non-finite outputs"
                 torch.testing.assert_close(out[:-1], run(model, x)[:-1], rtol=1e-9, atol=1e-9)
+
+    def test_compiles_and_equals_eager(self, model: nn.Module, request: pytest.FixtureRequest) -> None:
+        """Under ``torch.compile``: a fixed-count reducer compiles with ``fullgraph=True`` into one
+        graph (no graph break, its hooks and the forward's bracket included) for its first config; an
+        adaptive one compiles with graph breaks (counted in `REPORT`; on one model per adapter
+        family, as its many graphs take long to compile). Either gives eager's outputs
+        (1e-9 in float64) and, inside ``tmcore.trace``, eager's token counts, sizes and source map."""
+        x = registry.adapter_for(model).example_inputs(model)
+        adaptive = self._cls().adaptive
+        name = request.node.callspec.params["model"]
+        if adaptive and name != min(n for n in tiny_models() if n.split(":")[0] == name.split(":")[0]):
+            pytest.skip("an adaptive reducer compiles with graph breaks, slowly: checked on one model per family")
+        for config in self._configs()[:1]:  # the first config: compiling is what costs here
+            tmcore.apply(model, self.reducer, replace=True, **config)
+            with torch.no_grad():
+                with tmcore.trace(model) as eager:
+                    ref = run(model, x)
+                compiled, graphs = compile_counting_graphs(model, fullgraph=not adaptive)
+                with tmcore.trace(compiled) as traced:
+                    out = run(compiled, x)
+            torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9, msg=lambda m, c=config: f"{c}: compiled {m}")
+            b = out.shape[0]
+            assert [_per_sample(c, b).tolist() for c in traced.token_counts] == [
+                _per_sample(c, b).tolist() for c in eager.token_counts
+            ], f"{config}: compiled token counts differ"
+            assert torch.equal(traced.source, eager.source), f"{config}: compiled groups differ"
+            torch.testing.assert_close(traced.sizes, eager.sizes, rtol=0, atol=0)
+            if adaptive:
+                REPORT.append(f"{self.reducer} {config} on {_name(model)}: compiled into {len(graphs)} graphs")
+            else:
+                assert len(graphs) == 1, f"{config}: {len(graphs)} graphs; a fixed-count reducer compiles to one"
+
+    def test_adds_no_host_sync(self, model: nn.Module) -> None:
+        """An eval forward of a fixed-count reducer, padded batches included, waits for the device
+        nowhere: it performs exactly the host syncs of the unpatched model (a backbone's own,
+        such as transformers' mask check; `tmcore.testing.syncs.count_host_syncs`). An adaptive
+        reducer's syncs per forward go to `REPORT`."""
+        x = registry.adapter_for(model).example_inputs(model)
+        with torch.no_grad():
+            run(model, x)  # first calls initialise lazily, and may sync doing so
+            with count_host_syncs() as plain:
+                run(model, x)
+            for config in self._configs():
+                tmcore.apply(model, self.reducer, replace=True, **config)
+                run(model, x)
+                with count_host_syncs() as patched:
+                    run(model, x)
+                added = patched.ops - plain.ops
+                if self._cls().adaptive:
+                    REPORT.append(f"{self.reducer} {config} on {_name(model)}: {dict(added) or 'no'} host syncs")
+                else:
+                    assert not added, f"{config}: tmcore adds host syncs {dict(added)} to the forward"
 
     def test_live_needs_decide_as_the_declared_needs(self, model: nn.Module) -> None:
         """A reducer with ``live_needs`` (what each block reads in this forward): one subset of
@@ -522,6 +607,17 @@ class AdapterConformance:
         finally:
             handle.remove()
         assert captured[0].shape[1] == n0
+
+    def test_full_length_compiles_and_equals_eager(self, model: nn.Module) -> None:
+        """``full_length`` unmerges inside the forward, in the same single graph."""
+        x = registry.adapter_for(model).example_inputs(model)
+        tmcore.apply(model, "tome", r=3, full_length=True)
+        with torch.no_grad():
+            ref = run(model, x)
+            compiled, graphs = compile_counting_graphs(model, fullgraph=True)
+            out = run(compiled, x)
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+        assert len(graphs) == 1
 
     def test_flop_model_matches_flop_counter(self, model: nn.Module) -> None:
         """FLOPs of the blocks, counted by ``FlopCounterMode`` (attention on the math backend,

@@ -11,6 +11,7 @@ environment that has tmcore installed).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -49,3 +50,13 @@ def tiny_inputs(tiny_model: Any) -> dict[str, Any]:
     from tmcore.registry import registry
 
     return registry.adapter_for(tiny_model).example_inputs(tiny_model)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What the conformance suite measured of adaptive reducers (host syncs, compiled graphs)."""
+    conformance = sys.modules.get("tmcore.testing.conformance")
+    report = getattr(conformance, "REPORT", None)
+    if report:
+        terminalreporter.section("tmcore: what adaptive reducers cost per forward")
+        for line in dict.fromkeys(report):
+            terminalreporter.write_line(line)

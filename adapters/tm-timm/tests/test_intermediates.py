@@ -121,3 +121,20 @@ def test_gradient_checkpointing_in_both_modes(reducer, config, reentrant, monkey
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
     # the entries kept for the recomputation go with the forward's tensors
     assert not tmcore.get_patch(model).runtime._entered
+
+
+def test_forward_intermediates_compiles_and_equals_eager():
+    """One graph (``fullgraph=True``) and eager's maps: the feature path is as traceable as the
+    forward."""
+    from tmcore.testing.conformance import compile_counting_graphs
+
+    model = tmcore.apply(tiny_timm_models()["vit"](), "tome", r=8)
+    x = _images(model)
+    with torch.no_grad():
+        ref_final, ref_maps = model.forward_intermediates(x, norm=True)
+        compiled, graphs = compile_counting_graphs(model.forward_intermediates, fullgraph=True)
+        final, maps = compiled(x, norm=True)
+    assert len(graphs) == 1
+    torch.testing.assert_close(final, ref_final, rtol=1e-9, atol=1e-9)
+    for a, b in zip(maps, ref_maps, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

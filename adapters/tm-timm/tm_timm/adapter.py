@@ -146,8 +146,8 @@ class TimmViT(Adapter):
 
     @classmethod
     def tiny_models(cls) -> dict[str, Callable[[], nn.Module]]:
-        """ViT, distilled DeiT, LayerScale + QK-norm, and register tokens with average pooling:
-        64 patches (32 px, patch 4), 4 blocks, float64."""
+        """ViT, distilled DeiT, LayerScale + QK-norm, register tokens with average pooling, and a
+        dynamic image size (tested at 40 x 24 px): 64 patches (32 px, patch 4), 4 blocks, float64."""
         try:
             from timm.models.deit import VisionTransformerDistilled
             from timm.models.vision_transformer import VisionTransformer
@@ -155,10 +155,15 @@ class TimmViT(Adapter):
             return {}
         common = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=7)
 
-        def make(model_cls: type[nn.Module], **kw: Any) -> Callable[[], nn.Module]:
+        def make(
+            model_cls: type[nn.Module], test_size: tuple[int, int] | None = None, **kw: Any
+        ) -> Callable[[], nn.Module]:
             def factory() -> nn.Module:
                 torch.manual_seed(0)
-                return model_cls(**{**common, **kw}).double().eval()
+                model = model_cls(**{**common, **kw}).double().eval()
+                if test_size:  # where timm's configs put a size to test at (read by example_inputs)
+                    model.pretrained_cfg = {"input_size": (3, 32, 32), "test_input_size": (3, *test_size)}
+                return model
 
             return factory
 
@@ -169,13 +174,18 @@ class TimmViT(Adapter):
             "reg4_avgpool": make(
                 VisionTransformer, class_token=False, reg_tokens=4, global_pool="avg", no_embed_class=True
             ),
+            "dynamic_size": make(VisionTransformer, dynamic_img_size=True, test_size=(40, 24)),
         }
 
     def example_inputs(self, model: nn.Module, batch: int = 3, seed: int = 1) -> dict[str, Tensor]:
         gen = torch.Generator().manual_seed(seed)
         chans = model.patch_embed.proj.in_channels
         dtype = next(model.parameters()).dtype
-        return {"x": torch.randn(batch, chans, *model.patch_embed.img_size, generator=gen, dtype=dtype)}
+        size = model.patch_embed.img_size
+        test_size = (getattr(model, "pretrained_cfg", None) or {}).get("test_input_size")
+        if model.dynamic_img_size and test_size:  # the size it is meant to be tested at
+            size = test_size[1:]
+        return {"x": torch.randn(batch, chans, *size, generator=gen, dtype=dtype)}
 
     def check(self, model: nn.Module) -> None:
         from timm.layers import Attention

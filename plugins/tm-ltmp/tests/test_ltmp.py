@@ -106,6 +106,31 @@ def test_thresholds_get_gradients_and_live_outside_the_model():
     assert t.source is None  # training mode masks tokens, it does not move them
 
 
+def test_a_compiled_training_step_equals_eager():
+    """Training compiles into one graph (soft masks: nothing is ragged, nothing syncs); the loss
+    and the thresholds' gradients are eager's."""
+    from tmcore.testing.conformance import compile_counting_graphs
+
+    def step(model):
+        params = list(tm_ltmp.thresholds(model).values())
+        for p in params:
+            p.grad = None
+        with tmcore.trace(model) as t:
+            out = model(_images(2))
+        loss = out.square().mean() + tm_ltmp.flops_ratio(t.masks, 65, 48)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    model = tmcore.apply(tiny_timm_models()["vit"](), "ltmp", **REDUCING).train()
+    loss, grads = step(model)
+    compiled, graphs = compile_counting_graphs(model, fullgraph=True)
+    compiled_loss, compiled_grads = step(compiled)
+    assert len(graphs) == 1
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-9, atol=1e-9)
+    for a, b in zip(compiled_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_flops_ratio():
     n, d = 197, 384
     ones = [torch.ones(2, n) for _ in range(12)]

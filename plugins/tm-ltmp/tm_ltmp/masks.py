@@ -8,11 +8,11 @@ merge destinations). CLS (position 0) lies in A; a distillation token (position 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 from torch import Tensor
 
+from tmcore.compiling import per_shape
 from tmcore.matching import best_partner, rank_key
 
 __all__ = ["threshold_mask", "importance", "best_match", "output_order", "output_position", "concat_order"]
@@ -67,7 +67,7 @@ def importance(attn: Tensor, num_protected: int, valid: Tensor | None = None, ke
     return imp.masked_fill(protected, math.inf)
 
 
-@lru_cache(maxsize=64)
+@per_shape(maxsize=64)
 def _blocked(n: int, p: int, device: torch.device) -> Tensor:
     """``[Na, Nb]`` bool: pairs where the A token (a source) or the B token (a destination) is
     protected."""
@@ -110,7 +110,7 @@ def best_match(
     return best_partner(scores)
 
 
-@lru_cache(maxsize=64)
+@per_shape(maxsize=64)
 def output_order(n: int, p: int, device: torch.device) -> Tensor:
     """``[N]`` long: input positions in LTMP's output order ``[protected, A \\ protected,
     B \\ protected]``. For ``p <= 1`` this is the original's ``[all A, all B]``; for larger ``p``
@@ -126,14 +126,14 @@ def output_order(n: int, p: int, device: torch.device) -> Tensor:
     )
 
 
-@lru_cache(maxsize=64)
+@per_shape(maxsize=64)
 def output_position(n: int, p: int, device: torch.device) -> Tensor:
     """``[N]`` long: where each input position lands in `output_order` (its inverse)."""
     order = output_order(n, p, device)
     return torch.empty_like(order).scatter_(0, order, torch.arange(n, device=device))
 
 
-@lru_cache(maxsize=64)
+@per_shape(maxsize=64)
 def concat_order(n: int, p: int, device: torch.device) -> Tensor | None:
     """``output_order`` as indices into ``cat([A tokens, B tokens])``; ``None`` when it is the
     identity (``p <= 1``), so the common case costs no gather."""

@@ -123,6 +123,7 @@ class LTMP(BaseReducer):
     requires = frozenset({"keys", "attn"})
     description = "LTMP: learned-threshold merging and pruning, adaptive per image (Bonnaerens & Dambre, TMLR 2023)"
     merge_only = False
+    adaptive = True  # per-image thresholds: counts depend on the values
     identity_config = {"merge_threshold": 2.0, "prune_threshold": -1.0}
     # Thresholds are model-specific (learn them with tm_ltmp.fit); these reduce both the tiny
     # random-init test models and trained ViTs (prune thresholds well below 1 / tokens).

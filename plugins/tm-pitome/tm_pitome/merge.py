@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from tm_pitome.energy import elu_energy, energy_order, gaussian_energy, similarity
 from tmcore import Plan
+from tmcore.compiling import per_shape
 from tmcore.matching import best_partner, bipartite_soft_matching, rank_key
 from tmcore.plan import pack
 
@@ -92,7 +92,7 @@ def removed_each(variant: str, num_tokens: Tensor, ratio: float, num_protected: 
     return merge_counts(num_tokens, ratio)
 
 
-@lru_cache(maxsize=1024)
+@per_shape(maxsize=1024)
 def padded_bounds(variant: str, num_tokens: int, ratio: float, num_protected: int) -> tuple[int, int]:
     """Static sizes of a padded plan over ``N = p + T`` slots: ``(r_max, m_max)``, the most tokens
     and the most output slots any sample with ``T_i <= T`` unprotected real tokens can have.
