@@ -12,6 +12,7 @@ import torch
 
 from tmcore.bench import Setting, compare, variants, vit_macs
 from tmcore.cli import CliError, main, parse_reducer_spec
+from tmcore.errors import TmcoreError
 from tmcore.registry import registry
 
 pytest.importorskip("timm")
@@ -166,6 +167,39 @@ def test_compare_rows_are_consistent():
         assert r.flop_ratio == pytest.approx(rows[0].gmacs / r.gmacs)
     assert rows[1].flop_ratio < rows[2].flop_ratio
     assert tmcore_unpatched(model)
+
+
+def test_compare_times_compiled_variants_apart_from_their_compilation():
+    """Compiled against compiled: the first call of each is its compilation (one graph each, no
+    graph break), no graph is compiled during the rounds, counts and FLOPs are eager's."""
+    import timm
+
+    from tmcore.bench import compiled
+    from tmcore.testing.conformance import compile_counting_graphs
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit").eval()
+    x = torch.randn(2, 3, 160, 160)
+    models = variants(model, [Setting("tome", {"r": 8})])
+    eager = compare(models, x, rounds=1, warmup=0)
+    with pytest.raises(TmcoreError, match="'fast' is not one of: default, reduce-overhead, max-autotune"):
+        compiled(models, "fast")
+    rows = compare([(s, compile_counting_graphs(m)[0]) for s, m in models], x, rounds=2, warmup=1)
+    for row, ref in zip(rows, eager, strict=True):
+        assert row.compile_s > 0 and row.graphs == 1 and row.recompiles == 0
+        assert row.token_counts == ref.token_counts and row.gmacs == ref.gmacs
+    assert all(r.compile_s is None and r.graphs is None for r in eager)
+
+
+@pytest.mark.slow
+def test_bench_command_compiles_with_inductor(capsys):
+    argv = ["bench", "--model", "timm:test_vit", "--reducer", "tome:r=8", "--batch-size", "2"]
+    assert main([*argv, "--rounds", "1", "--warmup", "0", "--compile"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.compile(mode='default')" in " ".join(out.split())
+    assert "recompiles" in out and "none [compiled]" in out and "tome r=8 [compiled]" in out
+    assert main([*argv, "--compile", "fastest"]) == 2
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
 
 
 def tmcore_unpatched(model):

@@ -30,6 +30,9 @@ __all__ = [
     "sample_counts",
     "top1_and_flop_ratio",
     "variants",
+    "compiled",
+    "COMPILE_MODES",
+    "compile_cache",
     "compare",
     "reduction_share",
     "peak_memory_mb",
@@ -91,6 +94,15 @@ class BenchRow:
     top1: float | None = None
     agreement: float | None = None
     cosine: float | None = None
+    compiled: bool = False
+    """Timed under ``torch.compile`` (`compiled`); ``speedup`` is then over the compiled
+    unreduced model."""
+    compile_s: float | None = None
+    """Compiled variants: seconds of the first call, which compiles."""
+    graphs: int | None = None
+    """Graphs dynamo compiled on that first call (1: no graph break)."""
+    recompiles: int | None = None
+    """Graphs compiled after it, during the warm-up and timed rounds (0: none)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +181,34 @@ def variants(model: nn.Module, settings: Sequence[Setting]) -> list[tuple[Settin
     return out
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+"""``torch.compile`` modes `compiled` takes (``reduce-overhead``: CUDA graphs on GPU)."""
+
+
+def compiled(models: Sequence[tuple[Setting, nn.Module]], mode: str = "default") -> list[tuple[Setting, nn.Module]]:
+    """Each model of `variants` under ``torch.compile(model, mode=mode)``, the unreduced one
+    included, so that `compare` sets compiled against compiled. Compilation happens on the first
+    call, which `compare` times apart (``compile_s``) with the graphs it makes."""
+    if mode not in COMPILE_MODES:
+        raise tmcore.TmcoreError(f"compile mode {mode!r} is not one of: {', '.join(COMPILE_MODES)}")
+    return [(s, torch.compile(m, mode=None if mode == "default" else mode)) for s, m in models]
+
+
+def compile_cache(count: int) -> Any:
+    """A context in which dynamo keeps a compiled entry per variant: ``count`` variants share the
+    backbone's code, each an entry of the same frames (and one per batch size), where dynamo's
+    default allows 8 before it runs the rest uncompiled; past the limit it fails instead."""
+    limit = max(torch._dynamo.config.recompile_limit, 4 * count)
+    return torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True)
+
+
+def _graphs() -> int:
+    """Graphs dynamo has compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def compare(
     models: Sequence[tuple[Setting, nn.Module]],
     inputs: Inputs,
@@ -184,9 +224,16 @@ def compare(
     With ``one_at_a_time``, every round also feeds the same images one by one (batch size 1, as
     research code with per-image token counts runs), giving ``single_images_per_s``.
 
-    Returns one row per variant; ratios are against the first.
+    A model from `compiled` is first called once apart, untimed (``compile_s``, ``graphs``);
+    graphs compiled after that call are counted (``recompiles``). Token counts and FLOPs come
+    from the uncompiled modules (a trace compiles another graph).
+
+    Returns one row per variant; FLOP ratios are against the first, speed-ups against the first
+    of the same kind (eager or compiled), so one run can hold both.
     """
-    model = models[0][1]
+    from tmcore.registry import uncompiled
+
+    model = uncompiled(models[0][1])
     device = device_type(inputs)
     batch = batch_size(inputs)
     singles = split_samples(inputs)
@@ -206,25 +253,40 @@ def compare(
             return time.perf_counter() - start
 
     modes = [[inputs], singles] if one_at_a_time else [[inputs]]
-    for _ in range(warmup):
-        for _, m in models:
-            for batches in modes:
-                run(m, batches)
-    times: list[list[list[float]]] = [[[] for _ in models] for _ in modes]
-    total = rounds * len(models)
-    for i in range(rounds):
+    first: list[tuple[float, int] | None] = [None] * len(models)  # (compile seconds, graphs)
+    recompiles = [0] * len(models)
+    with compile_cache(len(models)):
         for j, (_, m) in enumerate(models):
-            for k, batches in enumerate(modes):
-                times[k][j].append(run(m, batches))
-            if progress:
-                progress(i * len(models) + j + 1, total)
+            if uncompiled(m) is not m:
+                before = _graphs()
+                first[j] = (run(m, [inputs]), _graphs() - before)
+
+        def timed(j: int, batches: list[Inputs]) -> float:
+            before = _graphs()
+            seconds = run(models[j][1], batches)
+            recompiles[j] += _graphs() - before
+            return seconds
+
+        for _ in range(warmup):
+            for j in range(len(models)):
+                for batches in modes:
+                    timed(j, batches)
+        times: list[list[list[float]]] = [[[] for _ in models] for _ in modes]
+        total = rounds * len(models)
+        for i in range(rounds):
+            for j in range(len(models)):
+                for k, batches in enumerate(modes):
+                    times[k][j].append(timed(j, batches))
+                if progress:
+                    progress(i * len(models) + j + 1, total)
 
     flops = flop_model(model)
-    reduced_counts = [_counts(m, inputs) for _, m in models[1:]]
+    counts_of = [None if s.reducer is None else _counts(uncompiled(m), inputs) for s, m in models]
+    reduced = [c for c in counts_of if c is not None]
     # unreduced: every sample's own (real) token count through every block
-    n0 = reduced_counts[0][0] if reduced_counts else torch.full((batch,), float(_unreduced_tokens(model)))
-    n_blocks = len(reduced_counts[0]) - 1 if reduced_counts else len(flop_blocks(model))
-    all_counts = [[n0] * (n_blocks + 1), *reduced_counts]
+    n0 = reduced[0][0] if reduced else torch.full((batch,), float(_unreduced_tokens(model)))
+    n_blocks = len(reduced[0]) - 1 if reduced else len(flop_blocks(model))
+    all_counts = [[n0] * (n_blocks + 1) if c is None else c for c in counts_of]
     rows: list[BenchRow] = []
     for j, ((s, m), per_sample) in enumerate(zip(models, all_counts)):
         med = statistics.median(times[0][j])
@@ -247,12 +309,16 @@ def compare(
                 ms_per_batch=med * 1e3,
                 peak_mem_mb=peak,
                 single_images_per_s=single,
+                compiled=first[j] is not None,
+                compile_s=first[j][0] if first[j] else None,
+                graphs=first[j][1] if first[j] else None,
+                recompiles=recompiles[j] if first[j] else None,
             )
         )
-    base = rows[0]
-    for row in rows:
+    for row in rows:  # eager over the eager unreduced model, compiled over the compiled one
+        base = next(r for r in rows if r.compiled == row.compiled)
         row.speedup = row.images_per_s / base.images_per_s
-        row.flop_ratio = base.gmacs / row.gmacs
+        row.flop_ratio = rows[0].gmacs / row.gmacs
     return rows
 
 
@@ -370,7 +436,7 @@ def plot(rows: Sequence[BenchRow], path: str, title: str = "") -> None:
     ax.scatter([base.images_per_s], [100 * getattr(base, metric)], color="black", zorder=3, label="unreduced")
     by_reducer: dict[str, list[BenchRow]] = {}
     for r in rows[1:]:
-        by_reducer.setdefault(r.reducer, []).append(r)
+        by_reducer.setdefault(r.reducer + (" compiled" if r.compiled else ""), []).append(r)
     for name, rs in by_reducer.items():
         rs = sorted(rs, key=lambda r: r.images_per_s)
         ax.plot([r.images_per_s for r in rs], [100 * getattr(r, metric) for r in rs], marker="o", label=name)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tmcore.bench import COMPILE_MODES
 from tmcore.errors import TmcoreError
 
 __all__ = ["main", "parse_reducer_spec", "load_model"]
@@ -520,11 +521,14 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         for r in rows:
             print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
         return
-    table = Table(title=title, title_justify="left")
+    from rich.markup import escape
+
+    # cells are plain text: a label such as "tome [compiled]" is not rich markup
+    table = Table(title=escape(title), title_justify="left")
     for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if i == 0 else "right")
+        table.add_column(escape(c), justify="left" if i == 0 else "right")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*map(escape, r))
     Console(width=max(160, Console().width)).print(table)
 
 
@@ -573,7 +577,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import tmcore
     from tmcore import models
-    from tmcore.bench import compare, fidelity, plot, reduction_share, variants, write_csv
+    from tmcore.bench import compare, compile_cache, compiled, fidelity, plot, reduction_share, variants, write_csv
     from tmcore.registry import registry
 
     if args.threads:
@@ -584,9 +588,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     registry.find_adapter(model)  # no adapter: a clear error before any input is built
     inputs, data, labels = _inputs(args, model)
     patched = variants(model, settings)
-    update, close = _progress("measuring")
+    # with --compile, the eager variants and the compiled ones run in the same interleaved rounds
+    timed = patched + (compiled(patched, args.compile) if args.compile else [])
+    update, close = _progress("compiling and measuring" if args.compile else "measuring")
     rows = compare(
-        patched,
+        timed,
         inputs,
         rounds=args.rounds,
         warmup=args.warmup,
@@ -595,7 +601,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         progress=update,
     )
     close()
-    for row, fid in zip(rows, fidelity([m for _, m in patched], data, labels, autocast_dtype=dtype)):
+    with compile_cache(len(timed)):  # compiled ones compile once more, for fidelity's batch size
+        fids = fidelity([m for _, m in timed], data, labels, autocast_dtype=dtype)
+    for row, fid in zip(rows, fids, strict=True):
         for key, value in fid.items():
             setattr(row, key, value)
 
@@ -608,6 +616,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     title = (
         f"{args.model} ({weights}), batch {args.batch_size}, {args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
+        + (f"; eager, then torch.compile(mode={args.compile!r}) in the same rounds" if args.compile else "")
     )
     # agreement of argmax is a prediction metric: only for models with a head
     head = labels is None and _has_head(model, inputs)
@@ -627,7 +636,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         table.append(
             [
-                row.label,
+                row.label + (" [compiled]" if row.compiled else ""),
                 f"{row.images_per_s:.1f}",
                 f"{row.speedup:.2f}x",
                 f"{row.gmacs:.2f}",
@@ -636,16 +645,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"{row.peak_mem_mb:.0f}",
                 *fid_vals,
                 *single,
+                *(
+                    ([f"{row.compile_s:.1f}", str(row.graphs), str(row.recompiles)] if row.compiled else ["", "", ""])
+                    if args.compile
+                    else []
+                ),
             ]
         )
     single_cols = [f"{unit} 1-by-1", "batch gain"] if args.one_at_a_time else []
+    compile_cols = ["compile s", "graphs", "recompiles"] if args.compile else []
     _print_table(
         title,
-        ["reducer", unit, "speed-up", "GMACs", "FLOP ratio", "tokens out", "peak MiB", *fid_cols, *single_cols],
+        [
+            "reducer",
+            unit,
+            "speed-up",
+            "GMACs",
+            "FLOP ratio",
+            "tokens out",
+            "peak MiB",
+            *fid_cols,
+            *single_cols,
+            *compile_cols,
+        ],
         table,
     )
     if args.show_counts:
-        for row in rows[1:]:
+        for row in rows[1 : len(patched)]:
             print(f"tokens per block, {row.label}: {' '.join(map(str, row.token_counts))}")
     if args.reduction_share:
         for s in settings:
@@ -861,6 +887,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--batch-size", type=_int_at_least(1), default=32)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+    b.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="time every variant, the unreduced one included, under torch.compile(mode=MODE): "
+        f"{', '.join(COMPILE_MODES)} (default when given bare); reports compile seconds, graphs and recompiles",
+    )
     b.add_argument(
         "--threads", type=_int_at_least(0, "0: torch's default"), default=0, help="torch CPU threads (default: torch's)"
     )
