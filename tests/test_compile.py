@@ -130,7 +130,42 @@ def test_a_schedule_capped_for_a_new_length_warns_without_breaking_the_graph():
     with torch.no_grad():
         ref = run(model, short)
         compiled, graphs = compile_counting_graphs(model, fullgraph=True)
-        with pytest.warns(ScheduleClampWarning, match="for 20 tokens"):
+        with pytest.warns(ScheduleClampWarning, match=r"lengths of a compiled graph .* block 0 \(r=30\)"):
             out = run(compiled, short)
     assert len(graphs) == 1
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def _text(length: int, batch: int = 3) -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 40, (batch, length), generator=torch.Generator().manual_seed(length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, length // 2 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(
+    ("reducer", "config", "graphs"),
+    [
+        (None, {}, 2),
+        ("tome", {"r": 2}, 2),
+        ("ppt", {"layers": [1, 2]}, 2),  # r=8 is capped at these lengths: the warning must not specialise
+        ("topk", {"keep_rate": 0.7}, 2),
+        ("pitome", {"ratio": 0.9}, 4),  # padded_bounds: static sizes per length, as documented
+    ],
+)
+def test_new_text_lengths_cost_one_recompile_except_pitome_padded(reducer, config, graphs):
+    """Padded text at lengths 16, 24, 32, 20: the second length makes the length dynamic, as for
+    the unpatched model; PiToMe's padded plan has a static size per length (README: pad to a
+    multiple), one graph each."""
+    _installed("transformers:bert")
+    model = tiny_models()["transformers:bert"]()
+    if reducer:
+        tmcore.apply(model, reducer, **config)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for length in (16, 24, 32, 20):
+            torch.testing.assert_close(run(compiled, _text(length)), run(model, _text(length)), rtol=1e-9, atol=1e-9)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

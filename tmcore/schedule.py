@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
+
 from tmcore.compiling import per_shape, warn_in_forward
 from tmcore.config import Integer, Number, Rule, check_pair, field_type, pair_json, rule_of
 from tmcore.errors import InvalidConfigError, ScheduleClampWarning
@@ -73,13 +75,14 @@ _LIMITS = {
 
 def _clamp(
     r_list: tuple[int, ...], num_tokens: int, num_protected: int, kind: str
-) -> tuple[tuple[int, ...], list[str]]:
+) -> tuple[tuple[int, ...], list[tuple[int, int, int]]]:
+    """``(capped r_list, [(block, requested r, limit), ...])``."""
     limit_of = _LIMITS[kind][0]
     out, capped, n = [], [], num_tokens
     for layer, r in enumerate(r_list):
         limit = limit_of(n, num_protected)
         if r > limit:
-            capped.append(f"block {layer}: r={r} -> {limit}")
+            capped.append((layer, r, limit))
             r = limit
         out.append(r)
         n -= r
@@ -104,10 +107,22 @@ def clamped_r(
     return out
 
 
-def _capped_message(capped: list[str], num_tokens: int, num_protected: int, kind: str) -> str:
+def _capped_message(capped: list[tuple[int, int, int]], num_tokens: int, num_protected: int, kind: str) -> str:
     return (
         f"r exceeds {_LIMITS[kind][1]} for {num_tokens} tokens "
-        f"({num_protected} protected) and was capped: " + ", ".join(capped)
+        f"({num_protected} protected) and was capped: "
+        + ", ".join(f"block {layer}: r={r} -> {limit}" for layer, r, limit in capped)
+    )
+
+
+def _traced_capped_message(capped: list[tuple[int, int, int]], num_protected: int, kind: str) -> str:
+    # Formatting the traced length (or a limit derived from it) would make dynamo specialise
+    # the graph on that length; the requested values are constants.
+    return (
+        f"r exceeds {_LIMITS[kind][1]} for the input lengths of a compiled graph "
+        f"({num_protected} protected) and was capped in: "
+        + ", ".join(f"block {layer} (r={r})" for layer, r, _ in capped)
+        + "; the uncompiled model's warning names each length and limit"
     )
 
 
@@ -119,7 +134,12 @@ def clamped_r_cached(
     inside a compiled graph (`tmcore.compiling`)."""
     out, capped = _clamp(r_list, num_tokens, num_protected, kind)
     if capped:
-        warn_in_forward(_capped_message(capped, num_tokens, num_protected, kind), ScheduleClampWarning)
+        message = (
+            _traced_capped_message(capped, num_protected, kind)
+            if torch.compiler.is_compiling()
+            else _capped_message(capped, num_tokens, num_protected, kind)
+        )
+        warn_in_forward(message, ScheduleClampWarning)
     return out
 
 
