@@ -103,8 +103,9 @@ class _Nothing(BaseReducer):
 
     name = "nothing"
 
-    def match(self, layer, keys, state):
-        return Plan.prune(torch.arange(keys.shape[1]).expand(keys.shape[0], -1), keys.shape[1])
+    def match(self, layer, scores, state):
+        b, n = scores.metric.shape[:2]
+        return Plan.prune(torch.arange(n).expand(b, -1), n)
 
 
 INFO = ModelInfo(family="test", num_layers=1, num_tokens=5, num_protected=1, class_token=True)
@@ -149,8 +150,8 @@ def test_a_plan_that_forgets_the_padding_is_an_error():
 
 def test_full_length_restores_the_input_layout():
     class Merge(_Nothing):
-        def match(self, layer, keys, state):
-            return bipartite_soft_matching(keys, 2, 1)
+        def match(self, layer, scores, state):
+            return bipartite_soft_matching(scores.metric, 2, 1)
 
     runtime = _runtime(Merge(ReducerConfig(), INFO), full_length=True)
     x = torch.randn(2, 5, 4)

@@ -110,8 +110,8 @@ def test_default_score_reads_keys_only_where_needed():
     q, k, v = _qkv()
     state = TokenState(1, 9, False, None)
     assert reducer.score(0, LayerInputs({}, None, 1.0, reducer.needs(0)), state) is None
-    keys = reducer.score(1, LayerInputs({"k": k}, None, 1.0, reducer.needs(1)), state)
-    torch.testing.assert_close(keys, k.mean(1))
+    scores = reducer.score(1, LayerInputs({"k": k}, None, 1.0, reducer.needs(1)), state)
+    torch.testing.assert_close(scores.metric, k.mean(1))
 
 
 def test_core_modules_import_one_way_and_annotations_resolve():

@@ -63,8 +63,8 @@ BROKEN = """
     class MovesClassToken(ToMe):
         name = "moves_class_token"
 
-        def match(self, layer, keys, state):
-            return bipartite_soft_matching(keys, 2, 0, state.valid)  # the prefix may merge
+        def match(self, layer, scores, state):
+            return bipartite_soft_matching(scores.metric, 2, 0, state.valid)  # the prefix may merge
 
 
     class IgnoresPadding(ToMe):

@@ -7,7 +7,7 @@ tmcore.apply(model, "tome", r=13)
 
 from tmcore import config, models
 from tmcore.adapter import Adapter, Patch
-from tmcore.api import adapters, apply, get_patch, load, plugins, reducers, remove, save, trace
+from tmcore.api import adapters, apply, get_patch, get_reducer, load, plugins, reducers, remove, save, trace
 from tmcore.errors import (
     AlreadyAppliedError,
     IncompatibleVersionError,
@@ -26,10 +26,11 @@ from tmcore.errors import (
 )
 from tmcore.hookspecs import hookimpl
 from tmcore.matching import bipartite_soft_matching
-from tmcore.plan import Plan, merge_tokens, merge_weighted, reduce, unmerge
+from tmcore.plan import Plan, merge_amax, merge_mlerp, merge_tokens, merge_weighted, reduce, unmerge
 from tmcore.reducer import BaseReducer, ModelInfo, ReducerConfig, TokenReducer
 from tmcore.runtime import Runtime, check_plans
 from tmcore.schedule import BipartiteSchedule, RSchedule, parse_r
+from tmcore.scores import Scores
 from tmcore.state import LayerInputs, TokenState
 from tmcore.tracing import Trace
 
@@ -55,6 +56,7 @@ __all__ = [
     "RSchedule",
     "ReducerConfig",
     "Runtime",
+    "Scores",
     "ScheduleClampWarning",
     "TmcoreError",
     "TokenReducer",
@@ -69,8 +71,11 @@ __all__ = [
     "check_plans",
     "config",
     "get_patch",
+    "get_reducer",
     "hookimpl",
     "load",
+    "merge_amax",
+    "merge_mlerp",
     "merge_tokens",
     "merge_weighted",
     "models",

@@ -7,20 +7,24 @@ An adapter's patched block forward fills the block protocol, `tmcore.Runtime.run
         y = attention(norm1(x), attn_mask=bias)    # fused, or `explicit_attention` where
         return x + y                               # `needs_explicit_attention(runtime, layer, state)`
 
-    return runtime.run_block(layer, x, attend, lambda x: x + mlp(norm2(x)), scale, block.training)
+    probe = lambda x: q_and_k(norm1(x))            # adapters that offer position "start"
+    return runtime.run_block(layer, x, attend, lambda x: x + mlp(norm2(x)), scale, block.training, probe=probe)
 
 `run_block` opens the forward's token state at block 0, computes the bias (``log(size)`` and
-padding, additive, ``[B, 1, 1, N]``), reduces at the reducer's position and restores full length
-at the last block when asked. Adapters replace forwards with `Patch.bind` (the function finds
-its patch, and the runtime, with `bound_patch`) and hand q / k / v to the reducer with
-`Patch.capture`, only in blocks whose ``runtime.layer_needs[layer]`` asks for them (an adapter
-that captures inside its attention function asks ``runtime.block_needs(layer, state)``, this
-forward's subset). The base class's `patch` brackets
-the forward of `Adapter.forward_scope` with ``runtime.begin`` / ``runtime.end`` (the input's
-padding mask from `Adapter.input_padding`, the outputs finished by `Adapter.finish_forward`). A
-feature path that runs the blocks outside the model's ``forward`` and reads the tokens between
-them (timm's ``forward_intermediates``) runs inside ``runtime.dense_outputs()``: every block then
-returns full-length tokens and takes its reduced ones back.
+padding, additive, ``[B, 1, 1, N]``), reduces at the reducer's position and restores full length at
+the last block when asked. An adapter that offers position ``start`` passes ``probe``, the block's q
+/ k of its input as its attention computes them, and its explicit attention uses
+``state.given_attn`` when a reducer hands it one (`explicit_attention` does). Adapters replace
+forwards with `Patch.bind` (the function finds its patch, and the runtime, with `bound_patch`) and
+hand q / k / v to the reducer with `Patch.capture`, only in blocks whose
+``runtime.layer_needs[layer]`` asks for them (an adapter that captures inside its attention function
+asks ``runtime.block_needs(layer, state)``, this forward's subset). The base class's `patch`
+brackets the forward of `Adapter.forward_scope` with ``runtime.begin`` / ``runtime.end`` (the
+input's padding mask from `Adapter.input_padding`, the outputs finished by
+`Adapter.finish_forward`). A feature path that runs the blocks outside the model's ``forward`` and
+reads the tokens between them (timm's ``forward_intermediates``) runs inside
+``runtime.dense_outputs()``: every block then returns full-length tokens and takes its reduced ones
+back.
 Gradient checkpointing needs nothing from the adapter: the runtime replays a recomputed block's
 state (`tmcore.runtime.Runtime`); an adapter that replaces a forward the backbone checkpoints
 itself (transformers' layers) calls the backbone's checkpoint function as the original would.
@@ -132,7 +136,8 @@ class Adapter:
         supported_versions: a PEP 440 version specifier of the backbone library, e.g. ``">=1.0,<1.1"``.
         inputs: which `INPUTS` it can compute for reducers.
         positions: where in a block it can reduce (`tmcore.reducer.POSITIONS`): ``attention``
-            (after the attention sub-layer, before the MLP) and / or ``layer`` (after the block).
+            (after the attention sub-layer, before the MLP), ``layer`` (after the block) and / or
+            ``start`` (before the attention: `tmcore.Runtime.run_block` with a ``probe``).
             A reducer picks one (its ``position``); `tmcore.apply` refuses a position not offered.
     """
 
@@ -253,13 +258,17 @@ def _scoped_forward(module: nn.Module, forward: Callable[..., Any], *args: Any, 
 def needs_explicit_attention(runtime: Runtime, layer: int, state: TokenState) -> bool:
     """Whether block ``layer`` must compute attention probabilities itself (`explicit_attention`)
     instead of the fused kernel: a soft keep-mask must enter the softmax (training a reducer with
-    ``soft_step``), or the reducer reads the full attention there (``attn`` in its needs)."""
-    return state.mask is not None or "attn" in runtime.block_needs(layer, state)
+    ``soft_step``), the reducer reads the full attention there (``attn`` in its needs, read after
+    the attention: not at position ``start``, where the runtime computes it from the probe), or
+    it handed the block its probabilities (``state.given_attn``)."""
+    if state.mask is not None or state.given_attn is not None:
+        return True
+    return runtime.position != "start" and "attn" in runtime.block_needs(layer, state)
 
 
 def explicit_attention(
-    q: Tensor,
-    k: Tensor,
+    q: Tensor | None,
+    k: Tensor | None,
     v: Tensor,
     scale: float,
     bias: Tensor | None,
@@ -271,21 +280,26 @@ def explicit_attention(
     need them (`needs_explicit_attention`).
 
     Args:
-        q, k, v: ``[B, H, N, d]`` as the attention uses them (after any q / k norm).
+        q, k, v: ``[B, H, N, d]`` as the attention uses them (after any q / k norm); ``q`` and
+            ``k`` are not read (may be ``None``) when ``state.given_attn`` is set.
         scale: the logit scale.
         bias: ``[B, 1, 1, N]`` additive bias (``state.attn_bias``) or ``None``.
         state: the forward's state; under a soft mask the softmax is `TokenState.attn_probs`
-            (gradients reach the mask).
+            (gradients reach the mask); with ``state.given_attn`` (position ``start``) those
+            probabilities are used as they are (their bias is already in them).
         runtime: receives the probabilities, after ``dropout``, as the ``attn`` capture.
         dropout: the attention's dropout on the probabilities (e.g. timm's ``attn_drop``).
 
     Returns:
         ``[B, H, N, d]`` attention output (heads not yet merged).
     """
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits += bias  # in place: one [B, H, N, N] allocation less (the matmul's backward needs q, k only)
-    probs = state.attn_probs(logits) if state.mask is not None else logits.softmax(dim=-1)
+    if state.given_attn is not None:
+        probs = state.given_attn
+    else:
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits += bias  # in place: one [B, H, N, N] allocation less (the matmul's backward needs q, k only)
+        probs = state.attn_probs(logits) if state.mask is not None else logits.softmax(dim=-1)
     if dropout is not None:
         probs = dropout(probs)
     runtime.capture("attn", probs)

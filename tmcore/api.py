@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -28,7 +28,9 @@ from tmcore.registry import PluginInfo, Registration, registry, uncompiled
 from tmcore.runtime import Runtime
 from tmcore.tracing import Trace
 
-__all__ = ["apply", "remove", "trace", "save", "load", "reducers", "adapters", "plugins", "get_patch"]
+__all__ = ["apply", "remove", "trace", "save", "load", "reducers", "adapters", "plugins", "get_patch", "get_reducer"]
+
+R = TypeVar("R")
 
 _ATTR = "_tmcore_patch"
 _FORMAT = "tmcore.reducer/1"
@@ -38,6 +40,21 @@ def get_patch(model: nn.Module) -> Patch | None:
     """The `Patch` ``tmcore.apply`` put on ``model`` (or on the model ``torch.compile`` wrapped),
     or ``None``."""
     return getattr(uncompiled(model), "__dict__", {}).get(_ATTR)
+
+
+def get_reducer(model: nn.Module, kind: type[R]) -> R:
+    """The reducer of class ``kind`` that ``tmcore.apply`` installed on ``model`` (a plugin's
+    training helpers reach their learned state through it).
+
+    Raises:
+        NotAppliedError: ``model`` carries no reducer, or one of another kind.
+    """
+    patch = get_patch(model)
+    if patch is None or not isinstance(patch.reducer, kind):
+        found = "no reducer" if patch is None else f"reducer {patch.reducer.name!r}"
+        name = getattr(kind, "name", kind.__name__)
+        raise NotAppliedError(f"this model carries {found}; call tmcore.apply(model, {name!r}, ...) first")
+    return patch.reducer
 
 
 def _require_patch(model: nn.Module, what: str) -> Patch:

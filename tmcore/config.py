@@ -29,6 +29,8 @@ from typing import Annotated, Any, get_args
 
 from pydantic import PlainSerializer, PlainValidator
 
+from tmcore.errors import InvalidConfigError
+
 __all__ = [
     "Bool",
     "OptionalBool",
@@ -36,6 +38,7 @@ __all__ = [
     "Integer",
     "Choice",
     "PerBlock",
+    "per_block",
     "Blocks",
     "Rule",
     "Refused",
@@ -266,6 +269,43 @@ def PerBlock(item: Any, per: str = "block") -> Any:
         return rule.each(value)
 
     return field_type(Rule(allowed, check), tp | list[tp])
+
+
+_REQUIRED = object()
+
+
+def per_block(
+    reducer: str, field: str, value: Any, length: int, per: str = "block", of: str = "", pad: Any = _REQUIRED
+) -> list[Any]:
+    """A `PerBlock` value as one entry per block: a single value for every block, or a list of
+    exactly ``length`` entries (with ``pad``, at most ``length``, the rest filled with ``pad``).
+    The one length rule and message of every per-block config value; call it in ``setup``, where
+    the model's depth is known.
+
+    Args:
+        reducer: the reducer's name (the message names it; ``""``: the message starts with the field).
+        field: the config key.
+        value: the validated value (a list, or one value for every block).
+        length: the number of blocks (or listed blocks) the list runs over.
+        per: what one entry is for (``"block"``, ``"listed block"``).
+        of: what ``length`` counts, for the message (default: ``"a model with {length} blocks"``).
+        pad: fill value for a shorter list (``r`` schedules pad with 0); omitted: exact length.
+
+    Raises:
+        InvalidConfigError: naming the field, its value, the length found and the one allowed.
+    """
+    if not isinstance(value, list):
+        return [value] * length
+    padded = pad is not _REQUIRED
+    if len(value) == length or (padded and len(value) < length):
+        return list(value) + [pad] * (length - len(value))
+    of = of or f"a model with {length} blocks"
+    allowed = f"at most {length} entries (missing ones are {show(pad)})" if padded else f"exactly {length} entries"
+    prefix = f"invalid config for reducer {reducer!r}: " if reducer else ""
+    raise InvalidConfigError(
+        f"{prefix}{field}={show(value)} has {len(value)} entries for {of}; "
+        f"allowed: one value for every {per}, or a list of {allowed}, one per {per}"
+    )
 
 
 # pairs -----------------------------------------------------------------------------------------

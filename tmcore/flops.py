@@ -23,7 +23,9 @@ class BlockFlops:
         mlp_hidden: the MLP's hidden width (``4 C`` in ViT and BERT).
         attn_dim: width of q, k and v (``C`` unless the model says otherwise).
         position: where the reduction sits, ``attention`` (before the MLP: it runs on the reduced
-            tokens) or ``layer`` (after the block: the MLP runs on all of them).
+            tokens), ``layer`` (after the block: the MLP runs on all of them) or ``start`` (before
+            the attention, which reuses the probabilities of the tokens entering: MCTF's
+            one-step-ahead attention).
     """
 
     dim: int
@@ -34,8 +36,18 @@ class BlockFlops:
     def block(self, n: Any, n_out: Any) -> Any:
         """MACs of a block entered by ``n`` tokens and left by ``n_out`` (ints or ``[B]`` tensors):
         q, k, v and output projections ``4 n C a``, ``QK^T`` and ``AV`` ``2 n^2 a``, the MLP
-        ``2 n' C H`` with ``n' = n_out`` when the reduction sits before it."""
+        ``2 n' C H`` with ``n' = n_out`` when the reduction sits before it. At ``start``, q, k and
+        ``QK^T`` run on the ``n`` tokens entering (``2 n C a + n^2 a``), the values, output
+        projection, ``AV`` and MLP on the ``n_out`` left (``2 n_out C a + n_out^2 a + 2 n_out C H``)."""
         a = self.dim if self.attn_dim is None else self.attn_dim
+        if self.position == "start":
+            return (
+                2 * n * self.dim * a
+                + n * n * a
+                + 2 * n_out * self.dim * a
+                + n_out * n_out * a
+                + (2 * n_out * self.dim * self.mlp_hidden)
+            )
         n_mlp = n_out if self.position == "attention" else n
         return 4 * n * self.dim * a + 2 * n * n * a + 2 * n_mlp * self.dim * self.mlp_hidden
 

@@ -16,6 +16,9 @@ from tmcore.plan import Plan, pack
 
 __all__ = [
     "bipartite_soft_matching",
+    "bipartite_scores",
+    "bipartite_plan",
+    "rank_descending",
     "max_bipartite_r",
     "max_prune_r",
     "prune_lowest",
@@ -92,17 +95,55 @@ def real_tokens(valid: Tensor, num_protected: int) -> Tensor:
     return valid.sum(1) - num_protected
 
 
+def bipartite_scores(
+    metric: Tensor, num_protected: int = 0, valid: Tensor | None = None, weight: Tensor | None = None
+) -> Tensor:
+    """ToMe's split and similarity: every A token (even position) against every B token (odd).
+
+    Args:
+        metric: ``[B, N, d]`` similarity features (head-mean keys for ToMe).
+        num_protected: ``p``; protected tokens are neither sources (their A rows) nor
+            destinations (their B columns): those pairs score ``-inf``.
+        valid: ``[B, N]`` bool padding mask; pairs with a padding token score ``-inf``.
+        weight: ``[B, N]`` factor on each normalised feature (LTMP's soft mask in training, so
+            removed tokens score 0 against every token).
+
+    Returns:
+        ``[B, ceil(N / 2), floor(N / 2)]`` cosine similarities.
+    """
+    n = metric.shape[1]
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    if weight is not None:
+        unit = unit * weight.unsqueeze(-1).to(unit.dtype)
+    scores = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)
+    blocked = _protected_pairs(n, num_protected, metric.device)
+    if valid is not None:
+        blocked = blocked | ~(valid[:, ::2, None] & valid[:, None, 1::2])
+    return scores.masked_fill(blocked, -math.inf)
+
+
+def _protected_pairs(n: int, p: int, device: torch.device) -> Tensor:
+    """``[ceil(N / 2), floor(N / 2)]`` bool: pairs whose A token or B token is protected."""
+    a = torch.arange(0, n, 2, device=device) < p
+    b = torch.arange(1, n, 2, device=device) < p
+    return a[:, None] | b[None, :]
+
+
+def rank_descending(score: Tensor) -> Tensor:
+    """``[B, K]`` -> ``[B, K]`` long: positions by descending ``score``, ties by position
+    (`rank_key`, stable)."""
+    return rank_key(score).argsort(dim=-1, descending=True, stable=True)
+
+
 def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, valid: Tensor | None = None) -> Plan:
-    """ToMe's bipartite soft matching (docs/algorithms.md 1.3) with ``p`` protected prefix tokens.
+    """ToMe's bipartite soft matching (docs/algorithms.md 1.3) with ``p`` protected prefix tokens:
+    `bipartite_scores`, `best_partner`, `bipartite_plan`.
 
     Tokens split by position parity into A (even) and B (odd); every A token finds its most
     similar B token (cosine); the ``r`` A tokens with the best matches merge into their partner.
-    Protected prefix tokens (class, distillation, register tokens) are never a source (their A
-    rows are ``-inf``) nor a destination (their B columns are ``-inf``). For ``p = 1`` and
-    ``p = 2`` this is exactly the original's class / distillation-token handling.
-
-    Output order, as in the original: ``[protected prefix, unmerged A, B]``. Unmerged A tokens
-    keep their relative order when ``p > 0`` and come in descending-score order when ``p == 0``.
+    Protected prefix tokens (class, distillation, register tokens) are never a source nor a
+    destination. For ``p = 1`` and ``p = 2`` this is exactly the original's class /
+    distillation-token handling.
 
     Args:
         metric: ``[B, N, d]`` similarity features (head-mean keys for ToMe).
@@ -113,38 +154,65 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, vali
             alone: padding is never a source, a destination or counted.
 
     Returns:
-        A Plan from ``N`` to ``N - r`` tokens; with ``valid``, a plan whose sample ``i`` holds its
-        ``N_i - r_i`` tokens first, in the unpadded output order, then padding (``Plan.valid``).
+        The Plan of `bipartite_plan`.
     """
-    if valid is not None:
-        return _bipartite_padded(metric, r, num_protected, valid)
     b, n, _ = metric.shape
-    p = num_protected
-    if not 0 <= r <= max_bipartite_r(n, p):
-        raise ValueError(f"r={r} is outside [0, {max_bipartite_r(n, p)}] for {n} tokens, {p} protected")
-    device = metric.device
+    if not 0 <= r <= max_bipartite_r(n, num_protected):
+        raise ValueError(
+            f"r={r} is outside [0, {max_bipartite_r(n, num_protected)}] for {n} tokens, {num_protected} protected"
+        )
     if r == 0:
-        return Plan.prune(torch.arange(n, device=device).expand(b, n), n)
-    n_a, n_b = (n + 1) // 2, n // 2
-    p_a, p_b = (p + 1) // 2, p // 2  # protected tokens that fall in A / in B
-
+        return Plan.prune(torch.arange(n, device=metric.device).expand(b, n), n, valid)
     with torch.no_grad():
-        m = metric / metric.norm(dim=-1, keepdim=True)
-        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)  # [B, n_a, n_b]
-        if p_a:
-            scores[:, :p_a, :] = -math.inf
-        if p_b:
-            scores[:, :, :p_b] = -math.inf
-        node_max, node_idx = best_partner(scores)  # [B, n_a]
-        order = rank_key(node_max).argsort(dim=-1, descending=True, stable=True)
-        src_a = order[:, :r]  # A indices that merge away
+        best, partner = best_partner(bipartite_scores(metric, num_protected, valid))
+        each = None if valid is None else (real_tokens(valid, num_protected) // 2).clamp(max=r)
+        return bipartite_plan(best, partner, r, n, num_protected, valid, each)
+
+
+def bipartite_plan(
+    best: Tensor,
+    partner: Tensor,
+    r: int,
+    num_in: int,
+    num_protected: int = 0,
+    valid: Tensor | None = None,
+    each: Tensor | None = None,
+    num_out: int | None = None,
+) -> Plan:
+    """ToMe's ranking and merge plan from every A token's best B partner: the ``r`` A tokens
+    with the best matches (`rank_descending`) merge into their partners.
+
+    Output order, as in the original: ``[protected prefix, unmerged A, B]``. Unmerged A tokens
+    keep their relative order when ``p > 0`` and come in descending-score order when ``p == 0``.
+
+    Args:
+        best, partner: ``[B, Na]`` from `best_partner` on `bipartite_scores` (``-inf`` for A
+            tokens that may not merge, so they rank last), ``Na = ceil(N / 2)``.
+        r: tokens to remove, ``1 <= r <= max_bipartite_r(N, p)``; with ``each``, the most any
+            sample removes (the static number of merge entries).
+        num_in: ``N``.
+        num_protected: ``p``.
+        valid: ``[B, N]`` bool padding mask (real tokens first), or ``None``.
+        each: ``[B]`` long, padded batches: the tokens sample ``i`` removes (``<= r``).
+        num_out: padded batches: the plan's static slot count (``N - r`` by default), at least
+            every sample's count.
+
+    Returns:
+        A Plan from ``N`` to ``N - r`` tokens; with ``valid``, a ragged plan of ``num_out`` slots
+        whose sample ``i`` holds its ``N_i - r_i`` tokens first, in the unpadded output order.
+    """
+    b, n_a = best.shape
+    p, n = num_protected, num_in
+    n_b = n // 2
+    order = rank_descending(best)
+    src_a = order[:, :r]  # A indices that merge away (lowest ones beyond each sample's r_i unused)
+    device = best.device
+    p_a, p_b = (p + 1) // 2, p // 2  # protected tokens that fall in A / in B
+    if valid is None:
         unm_a = order[:, r:]
         if p:
             unm_a = unm_a.sort(dim=-1).values  # protected A tokens first, then original order
         unm_a = unm_a[:, p_a:]
-        dst_b = node_idx.gather(1, src_a)  # B index of each source's partner
-
-        n_unm = n_a - p_a - r
         keep = torch.cat(
             [
                 torch.arange(p, device=device).expand(b, p),
@@ -153,54 +221,29 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, vali
             ],
             dim=1,
         )
-        src_dst = dst_b - p_b + p + n_unm  # B token j sits in slot p + n_unm + (j - p_b)
-    return Plan(keep=keep, src=src_a * 2, src_dst=src_dst, num_in=n)
-
-
-def _bipartite_padded(metric: Tensor, r: int, p: int, valid: Tensor) -> Plan:
-    """`bipartite_soft_matching` on a padded batch: padding rows and columns of the score matrix
-    are ``-inf``, each sample merges its own ``r_i`` best, and the unpadded output order is
-    rebuilt with `pack` (its size ``N - r`` bounds every sample's count: no host sync)."""
-    b, n, _ = metric.shape
-    if not 0 <= r <= max_bipartite_r(n, p):
-        raise ValueError(f"r={r} is outside [0, {max_bipartite_r(n, p)}] for {n} tokens, {p} protected")
-    device = metric.device
-    n_a, n_b = (n + 1) // 2, n // 2
-    p_a, p_b = (p + 1) // 2, p // 2
-    if r == 0:
-        return Plan.prune(torch.arange(n, device=device).expand(b, n), n, valid)
-    r_i = (real_tokens(valid, p) // 2).clamp(max=r)
-    with torch.no_grad():
-        m = metric / metric.norm(dim=-1, keepdim=True)
-        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
-        scores = scores.masked_fill(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
-        if p_a:
-            scores[:, :p_a, :] = -math.inf
-        if p_b:
-            scores[:, :, :p_b] = -math.inf
-        node_max, node_idx = best_partner(scores)
-        order = rank_key(node_max).argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_a, device=device).expand(b, n_a))
-        merges = rank < r_i.unsqueeze(1)  # [B, n_a]: the r_i best real A tokens of each sample
-        a_real = valid[:, ::2]
-        if p:  # unmerged A tokens keep their positional order after the prefix
-            a_cand = torch.arange(p_a, n_a, device=device).expand(b, n_a - p_a)
-            a_kept = (a_real & ~merges)[:, p_a:]
-        else:  # ... or come in descending-score order
-            a_cand = order
-            a_kept = a_real.gather(1, order) & ~merges.gather(1, order)
-        b_cand = torch.arange(p_b, n_b, device=device).expand(b, n_b - p_b)
-        prefix = torch.arange(p, device=device).expand(b, p)
-        candidates = torch.cat([prefix, a_cand * 2, b_cand * 2 + 1], dim=1)
-        kept = torch.cat([valid[:, :p], a_kept, valid[:, 1::2][:, p_b:]], dim=1)
-        # a sample that merges nothing stays as it is, like the unpadded r = 0 (matters for p = 0)
-        still = (r_i == 0).unsqueeze(1)
-        candidates = torch.where(still, torch.arange(n, device=device).expand(b, n), candidates)
-        kept = torch.where(still, valid, kept)
-        src_a = order[:, :r]
-        target = node_idx.gather(1, src_a) - p_b + p + a_cand.shape[1]
-        target = torch.where(merges.gather(1, src_a), target, -1)
-    return pack(candidates, kept, n, src_a * 2, target, num_out=n - r)
+        src_dst = partner.gather(1, src_a) - p_b + p + (n_a - p_a - r)  # B token j sits after the unmerged A
+        return Plan(keep=keep, src=src_a * 2, src_dst=src_dst, num_in=n)
+    each = each if each is not None else torch.full((b,), r, dtype=torch.long, device=device)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_a, device=device).expand(b, n_a))
+    merges = rank < each.unsqueeze(1)  # [B, Na]: the r_i best real A tokens of each sample
+    a_real = valid[:, ::2]
+    if p:  # unmerged A tokens keep their positional order after the prefix
+        a_cand = torch.arange(p_a, n_a, device=device).expand(b, n_a - p_a)
+        a_kept = (a_real & ~merges)[:, p_a:]
+    else:  # ... or come in descending-score order
+        a_cand = order
+        a_kept = a_real.gather(1, order) & ~merges.gather(1, order)
+    b_cand = torch.arange(p_b, n_b, device=device).expand(b, n_b - p_b)
+    prefix = torch.arange(p, device=device).expand(b, p)
+    candidates = torch.cat([prefix, a_cand * 2, b_cand * 2 + 1], dim=1)
+    kept = torch.cat([valid[:, :p], a_kept, valid[:, 1::2][:, p_b:]], dim=1)
+    # a sample that merges nothing stays as it is, like the unpadded r = 0 (matters for p = 0)
+    still = (each == 0).unsqueeze(1)
+    candidates = torch.where(still, torch.arange(n, device=device).expand(b, n), candidates)
+    kept = torch.where(still, valid, kept)
+    target = partner.gather(1, src_a) - p_b + p + a_cand.shape[1]
+    target = torch.where(merges.gather(1, src_a), target, -1)
+    return pack(candidates, kept, n, src_a * 2, target, num_out=n - r if num_out is None else num_out)
 
 
 def prune_lowest(score: Tensor, r: int, num_protected: int = 0, valid: Tensor | None = None) -> Plan:

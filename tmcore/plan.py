@@ -42,6 +42,9 @@ __all__ = [
     "reduce",
     "merge_weighted",
     "merge_tokens",
+    "merge_amax",
+    "merge_mlerp",
+    "carry_through",
     "select",
     "unmerge",
     "destinations",
@@ -74,6 +77,9 @@ class Plan:
             sample keeps all ``M`` slots (fixed-count plans, the fast path).
         weight: ``[B, N, 1]`` positive weight of each input token in the average of its group
             (`merge_tokens`); ``None``: the token sizes (size-weighted merging, ToMe).
+        size_scale: ``[B, N, 1]`` factor on each input token's size before a group's sizes are
+            summed (DiffRate transfers a merged token's size scaled by its similarity to the
+            destination); ``None``: sizes are summed as they are, so merging conserves them.
     """
 
     keep: Tensor
@@ -82,6 +88,7 @@ class Plan:
     num_in: int
     valid: Tensor | None = None
     weight: Tensor | None = None
+    size_scale: Tensor | None = None
 
     @property
     def num_out(self) -> int:
@@ -105,6 +112,10 @@ class Plan:
     def with_equal_weights(self) -> Plan:
         """This plan, averaging each merged group as a plain mean of its tokens (sizes summed)."""
         return replace(self, weight=torch.ones(self.keep.shape[0], self.num_in, 1, device=self.keep.device))
+
+    def with_size_scale(self, size_scale: Tensor | None) -> Plan:
+        """This plan, summing each group's sizes scaled by ``size_scale`` ``[B, N, 1]``."""
+        return replace(self, size_scale=size_scale)
 
 
 def size_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -230,8 +241,9 @@ def merge_tokens(x: Tensor, plan: Plan, size: Tensor | None) -> tuple[Tensor, Te
     """Apply ``plan`` to features and sizes: the default ``reduce`` of every reducer.
 
     Each output token is the weighted mean of its group, with the plan's ``weight`` or, when it
-    has none, the token sizes (ToMe's ``merge_wavg``); its size is the group's summed size, so
-    ``sum(size)`` is conserved by merging and dropped tokens take their sizes with them.
+    has none, the token sizes (ToMe's ``merge_wavg``); its size is the group's summed size
+    (each scaled by ``plan.size_scale`` when the plan has one), so without a scale ``sum(size)``
+    is conserved by merging and dropped tokens take their sizes with them.
 
     Args:
         x: ``[B, N, C]`` features.
@@ -241,14 +253,72 @@ def merge_tokens(x: Tensor, plan: Plan, size: Tensor | None) -> tuple[Tensor, Te
     Returns:
         ``([B, M, C] features, [B, M, 1] sizes)``.
     """
-    if plan.weight is None:
+    if plan.weight is None and plan.size_scale is None:
         return merge_weighted(x, plan, size)
     if size is None:
         size = unit_sizes(x)
+    scaled = size if plan.size_scale is None else size * plan.size_scale.to(size.dtype)
     if plan.src.shape[1] == 0:
-        return reduce(x, plan), reduce(size, plan)
+        return reduce(x, plan), reduce(scaled, plan)
     layout = _layout(plan, x.shape[1])
-    return _merge_weighted(x, plan, plan.weight, layout)[0], _reduce(size, plan, layout)
+    weight = size if plan.weight is None else plan.weight
+    return _merge_weighted(x, plan, weight, layout)[0], _reduce(scaled, plan, layout)
+
+
+def merge_amax(x: Tensor, plan: Plan, size: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Merge rule: each output token is the elementwise maximum of its group (MCTF's max
+    pooling); sizes as in `merge_tokens`.
+
+    Returns:
+        ``([B, M, C] features, [B, M, 1] sizes)``.
+    """
+    new_size = merge_tokens(x[..., :1], plan, size)[1]
+    return reduce(x, plan, "amax"), new_size
+
+
+def merge_mlerp(x: Tensor, plan: Plan, size: Tensor | None, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """Merge rule MLERP (ToFu, Kim et al., WACV 2024): each merged group keeps the direction of
+    its weighted mean (`merge_tokens`: the plan's weights, else sizes) and takes the norm of its
+    largest member, so merging does not shrink features the way averaging does (the norm of a
+    mean is at most the mean of the norms). Groups of one token come out as `merge_tokens` gives them (no rescale).
+
+    Args:
+        x: ``[B, N, C]`` features.
+        plan: the Plan to apply (dropped tokens take no part).
+        size: ``[B, N, 1]`` token sizes, ``None`` for all ones.
+        eps: lower bound on a mean's norm (a group that averages to zero stays zero).
+
+    Returns:
+        ``([B, M, C] features, [B, M, 1] sizes)``, sizes as `merge_tokens` gives them.
+    """
+    mean, new_size = merge_tokens(x, plan, size)
+    if plan.src.shape[1] == 0:
+        return mean, new_size
+    layout = _layout(plan, x.shape[1])
+    largest = _reduce(x.norm(dim=-1, keepdim=True), plan, layout, "amax")
+    members = _reduce(torch.ones_like(x[..., :1]), plan, layout)
+    rescaled = mean * (largest / mean.norm(dim=-1, keepdim=True).clamp_min(eps))
+    return torch.where(members > 1, rescaled, mean), new_size
+
+
+def carry_through(t: Tensor, plan: Plan, rule: Literal["sum", "mean", "amax", "first"] = "sum") -> Tensor:
+    """A per-token tensor a reducer carries (`tmcore.state.TokenState.carry`) through ``plan``.
+
+    Args:
+        t: ``[B, N, ...]``, one entry per input token.
+        plan: the Plan to apply.
+        rule: ``sum``, ``mean`` or ``amax`` over each group (dropped tokens take no part), or
+            ``first``: the value of the token that seeds each slot.
+
+    Returns:
+        ``[B, M, ...]``.
+    """
+    flat = t.reshape(t.shape[0], t.shape[1], -1)
+    if rule == "first":
+        out = flat.gather(1, _rows(plan.keep, flat.shape[-1]))
+    else:
+        out = reduce(flat, plan, rule)
+    return out.reshape(t.shape[0], plan.num_out, *t.shape[2:])
 
 
 def select(take_a: Tensor, a: Plan, b: Plan) -> Plan:
@@ -258,7 +328,7 @@ def select(take_a: Tensor, a: Plan, b: Plan) -> Plan:
         take_a: ``[B]`` bool.
         a, b: plans with equal shapes (``num_in``, ``M`` and ``K``); for a pruning plan beside
             a merging one, list the dropped tokens with ``Plan.prune(..., drop=...)``. Their
-            ``valid`` and ``weight`` must both be set or both be ``None``.
+            ``valid``, ``weight`` and ``size_scale`` must each be set in both or in neither.
 
     Returns:
         A Plan whose sample ``i`` is sample ``i`` of ``a`` or of ``b`` (``torch.where``, no sync).
@@ -283,6 +353,7 @@ def select(take_a: Tensor, a: Plan, b: Plan) -> Plan:
         num_in=a.num_in,
         valid=pick(a.valid, b.valid, "valid"),
         weight=pick(a.weight, b.weight, "weight"),
+        size_scale=pick(a.size_scale, b.size_scale, "size_scale"),
     )
 
 
@@ -474,6 +545,7 @@ def plan_problems(plan: object, batch: int, num_in: int, num_protected: int, dev
     for name, value, shape, ok, allowed in (
         ("valid", plan.valid, (batch, m), lambda v: v.dtype == torch.bool, "torch.bool"),
         ("weight", plan.weight, (batch, num_in, 1), lambda v: v.is_floating_point(), "a floating dtype"),
+        ("size_scale", plan.size_scale, (batch, num_in, 1), lambda v: v.is_floating_point(), "a floating dtype"),
     ):
         if value is None:
             continue

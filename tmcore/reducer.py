@@ -12,6 +12,7 @@ from torch import Tensor
 from tmcore.config import show
 from tmcore.errors import InvalidConfigError
 from tmcore.plan import Plan, merge_tokens
+from tmcore.scores import Scores
 from tmcore.state import INPUTS, LayerInputs, TokenState
 
 __all__ = [
@@ -27,11 +28,13 @@ __all__ = [
     "POSITIONS",
 ]
 
-POSITIONS = frozenset({"attention", "layer"})
+POSITIONS = frozenset({"attention", "layer", "start"})
 """Where a block reduces: ``attention``, after the attention sub-layer and before the MLP (ToMe's
-place in a pre-norm ViT; after the attention output LayerNorm in a post-norm BERT), or ``layer``,
-after the whole block (PiToMe's Hugging Face CLIP patch). Adapters offer positions, the reducer's
-``position`` picks one."""
+place in a pre-norm ViT; after the attention output LayerNorm in a post-norm BERT), ``layer``,
+after the whole block (PiToMe's Hugging Face CLIP patch), or ``start``, on the block's input
+before its attention, reading this block's own attention of the unreduced tokens (MCTF's
+one-step-ahead attention; `tmcore.runtime.Runtime.run_block`). Adapters offer positions, the
+reducer's ``position`` picks one."""
 
 
 class ModelInfo(BaseModel):
@@ -78,13 +81,16 @@ class TokenReducer(Protocol):
     reducer, and nothing else. The registry checks a registered class against it when the plugin
     loads (`check_reducer`) and names what is missing; `BaseReducer` satisfies it with defaults.
 
-    Steps, per block: ``score`` -> ``match`` (a `Plan`, or ``None`` to leave the block alone) ->
-    ``reduce`` (features and sizes through the plan).
+    Steps, per block: ``score`` (a `tmcore.Scores`, or ``None``) -> ``match`` (a `Plan`, or
+    ``None`` to leave the block alone) -> ``reduce`` (features and sizes through the plan: the
+    weighted mean of `tmcore.plan.merge_tokens` by default; `merge_mlerp` and `merge_amax` are the
+    core's other merge rules). Per-token tensors a method needs in later blocks travel in
+    ``state.carry`` (reduced with every plan by the runtime).
 
     Class attributes: ``name`` (registry name), ``config_model`` (a `ReducerConfig` subclass),
     ``requires`` (subset of `INPUTS` the adapter must be able to compute), ``requires_class_token``
-    (refuse models without one), ``position`` (``attention`` or ``layer``: where in a block it
-    reduces, `POSITIONS`), ``description`` (``tmcore plugins``), ``identity_config``
+    (refuse models without one), ``position`` (``attention``, ``layer`` or ``start``: where in a
+    block it reduces, `POSITIONS`), ``description`` (``tmcore plugins``), ``identity_config``
     (a config that changes nothing, or ``None``; the conformance suite checks it is exact),
     ``example_configs`` (configs that reduce; the test matrix and ``tmcore bench`` use them),
     ``merge_only`` (every input token survives inside some output: sizes are conserved),
@@ -106,6 +112,8 @@ class TokenReducer(Protocol):
     ``state.mask`` (all ones at block 0), adapters mask removed keys out of attention with it, and
     ``soft_step`` replaces score / match / reduce, updating ``state.mask`` (and ``state.size``)
     in place of a Plan. See `tmcore.runtime.Runtime`.
+    ``mask_eps: float``, ``mask_self_loop: bool``: the soft-mask softmax's options
+    (`tmcore.state.masked_softmax`; defaults ``MASK_EPS`` and ``False``, LTMP's).
     ``live_needs() -> tuple[frozenset[str], ...]``: what each block reads in the current inference
     forward when that depends on learned state (a subset of ``needs(layer)`` per block, asked once
     per forward; cache it): `tmcore.runtime.Runtime.block_needs`.
@@ -133,9 +141,9 @@ class TokenReducer(Protocol):
 
     def needs(self, layer: int) -> frozenset[str]: ...
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Any: ...
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Scores | None: ...
 
-    def match(self, layer: int, scores: Any, state: TokenState) -> Plan | None: ...
+    def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None: ...
 
     def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]: ...
 
@@ -218,8 +226,8 @@ class BaseReducer:
     merge_only: ClassVar[bool] = True
     """Every input token survives inside some output token (sizes are conserved)."""
     position: ClassVar[str] = "attention"
-    """Where in a block it reduces (`POSITIONS`): after the attention sub-layer, or
-    ``layer``, after the whole block."""
+    """Where in a block it reduces (`POSITIONS`): after the attention sub-layer, ``layer``,
+    after the whole block, or ``start``, before the attention (with this block's attention)."""
     adaptive: ClassVar[bool] = False
     """Token counts depend on the values, per sample (LTMP's thresholds): plans are ragged
     (`tmcore.plan.pack` learns their size with one host sync), the meta device is refused, and
@@ -244,11 +252,12 @@ class BaseReducer:
         """What block ``layer`` reads from its attention (default: all of ``requires``)."""
         return self.requires
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Any:
-        """Head-mean keys ``[B, N, d]`` where the block needs them, else ``None``."""
-        return inputs.keys if "keys" in inputs.needs else None
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Scores | None:
+        """``Scores(metric=...)``: head-mean keys ``[B, N, d]`` where the block needs them, else
+        ``None`` (the block does nothing)."""
+        return Scores(metric=inputs.keys) if "keys" in inputs.needs else None
 
-    def match(self, layer: int, scores: Any, state: TokenState) -> Plan | None:
+    def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None:
         raise NotImplementedError
 
     def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]:

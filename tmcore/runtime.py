@@ -18,6 +18,7 @@ from torch import Tensor
 from tmcore.errors import InvalidInputError, PluginError, TmcoreError, UnsupportedModelError
 from tmcore.plan import (
     Plan,
+    carry_through,
     compose_source,
     identity_source,
     plan_problems,
@@ -27,7 +28,7 @@ from tmcore.plan import (
     unit_sizes,
 )
 from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
-from tmcore.state import LayerInputs, TokenState
+from tmcore.state import Carried, LayerInputs, TokenState
 from tmcore.tracing import Trace
 
 __all__ = ["Runtime", "check_plans", "attention_dtype"]
@@ -55,9 +56,10 @@ def check_plans(enabled: bool = True) -> bool:
 class Runtime:
     """The per-patch link between a model's patched modules and the current forward's state.
 
-    Adapters run each block through `run_block` (the block protocol: ``enter``, the bias, the
-    attention sub-layer, ``step`` at the reducer's `position`, the MLP sub-layer, ``exit``);
-    hooks call ``capture``. The model's forward is bracketed by `begin` / `end` (in the forward
+    Adapters run each block through `run_block` (the block protocol: ``enter``, ``step`` where the
+    reducer's `position` is ``start``, the bias, the attention sub-layer, ``step`` where it is
+    ``attention``, the MLP sub-layer, ``step`` where it is ``layer``, ``exit``); hooks call
+    ``capture``. The model's forward is bracketed by `begin` / `end` (in the forward
     `tmcore.Adapter.patch` binds on the adapter's ``forward_scope``): the state of one forward
     lives in a slot that `begin` opens on this thread's stack of forwards and `end` closes, so
     threads never see each other's state,
@@ -188,6 +190,8 @@ class Runtime:
             if valid is not None:
                 state.valid = _padding_mask(valid, x)
             if training and self.soft:
+                state.mask_eps = getattr(self.reducer, "mask_eps", state.mask_eps)
+                state.mask_self_loop = getattr(self.reducer, "mask_self_loop", False)
                 state.mask = x.new_ones(x.shape[0], x.shape[1])
                 if state.valid is not None:
                     state.mask = state.mask * state.valid
@@ -303,12 +307,23 @@ class Runtime:
         scale: float,
         training: bool = False,
         valid: Tensor | None = None,
+        probe: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
         """Block ``layer`` with the token reduction: the block protocol every adapter fills.
 
-        ``enter`` (block 0 opens the forward's state), ``compact`` (dense outputs), the bias
-        (``log(size)`` and padding, in the attention's dtype), ``attend``, `step` where the reducer's
-        `position` is ``attention``, ``feed_forward``, `step` where it is ``layer``, ``exit``.
+        ``enter`` (block 0 opens the forward's state), ``compact`` (dense outputs), `step` where
+        the reducer's `position` is ``start``, the bias (``log(size)`` and padding, in the
+        attention's dtype), ``attend``, `step` where it is ``attention``, ``feed_forward``, `step`
+        where it is ``layer``, ``exit``.
+
+        Position ``start`` (MCTF's one-step-ahead attention) reduces the block's input ``x``
+        before its attention. Where the block reads ``keys``, ``cls_attn`` or ``attn``, ``probe``
+        gives this block's q and k of the unreduced ``x`` (the scores then read the attention
+        this block would compute, with the bias of the current sizes); ``values`` are not offered
+        there. The reducer may set ``state.given_attn`` (``[B, H, M, M]`` probabilities for the
+        reduced tokens), which ``attend`` then uses in place of ``softmax(q k^T)``
+        (`tmcore.adapter.explicit_attention`, values from the reduced tokens); it is cleared
+        after ``attend``.
 
         Args:
             layer: the block's index.
@@ -320,14 +335,22 @@ class Runtime:
             scale: the attention's logit scale (for attention-based scores).
             training: the block's training flag.
             valid: block 0 only: the input's padding mask when the forward's `begin` did not get it.
+            probe: adapters that offer position ``start``: ``x -> (q, k)``, ``[B, H, N, d]`` each,
+                from the block input exactly as the attention computes them (norm, projection,
+                q / k norm included), without running the attention.
 
         Returns:
             The block's output ``[B, M, C]``.
         """
         state = self.enter(layer, x, training, valid)
         x = self.compact(x, state)
+        start = self.position == "start"
+        if start:
+            x = self._step_at_start(layer, x, state, probe, scale)
         bias = state.attn_bias(attention_dtype(x))
         x = attend(x, bias, state)
+        if start:  # what the attention captured (or was given) belongs to this block only
+            state.given_attn, state.captured = None, {}
         if self.position == "attention":
             x = self.step(layer, x, state, bias, scale)
         x = feed_forward(x)
@@ -335,10 +358,30 @@ class Runtime:
             x = self.step(layer, x, state, bias, scale)
         return self.exit(layer, x, state)
 
-    def step(self, layer: int, x: Tensor, state: TokenState, bias: Tensor | None, scale: float) -> Tensor:
-        """Score, match and reduce ``x`` ``[B, N, C]`` after the attention of block ``layer``.
+    def _step_at_start(
+        self,
+        layer: int,
+        x: Tensor,
+        state: TokenState,
+        probe: Callable[[Tensor], tuple[Tensor, Tensor]] | None,
+        scale: float,
+    ) -> Tensor:
+        """`step` on the block's input, with q / k from ``probe`` where the block reads attention."""
+        if self.block_needs(layer, state) & {"keys", "cls_attn", "attn"}:
+            if probe is None:
+                raise PluginError(
+                    f"reducer {self.reducer.name!r} reduces at position 'start' and reads this block's attention, "
+                    f"but the adapter gave run_block no probe for block {layer}'s q / k"
+                )
+            q, k = probe(x)
+            state.captured = {"q": q, "k": k}
+        return self.step(layer, x, state, state.attn_bias(attention_dtype(x)), scale)
 
-        ``bias`` and ``scale`` are what this block's attention used (for attention-based scores).
+    def step(self, layer: int, x: Tensor, state: TokenState, bias: Tensor | None, scale: float) -> Tensor:
+        """Score, match and reduce ``x`` ``[B, N, C]`` at the reducer's position in block ``layer``.
+
+        ``bias`` and ``scale`` are what this block's attention used (at ``start``: what it would
+        use on the unreduced tokens), for attention-based scores.
         """
         with _profiled("tmcore::reduce"):
             inputs = LayerInputs(state.captured, bias, scale, self.block_needs(layer, state), x)
@@ -365,6 +408,10 @@ class Runtime:
                     f"reducer {reducer.name!r} failed to apply its plan in block {layer} ({type(exc).__name__}: "
                     f"{exc}); tmcore.check_plans() (TMCORE_CHECK_PLANS=1) says what is wrong with the plan"
                 ) from exc
+            if state.carried:
+                state.carried = {
+                    name: Carried(carry_through(c.tensor, plan, c.rule), c.rule) for name, c in state.carried.items()
+                }
             if plan.valid is not None and size is not None:
                 # padding slots: size 1 (finite log, no division by zero); valid masks them out
                 size = size.masked_fill(~plan.valid.unsqueeze(-1), 1)

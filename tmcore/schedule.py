@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from tmcore.compiling import per_shape, warn_in_forward
-from tmcore.config import Integer, Number, Rule, check_pair, field_type, pair_json, rule_of
-from tmcore.errors import InvalidConfigError, ScheduleClampWarning
+from tmcore.config import Integer, Number, Rule, check_pair, field_type, pair_json, per_block, rule_of
+from tmcore.errors import ScheduleClampWarning
 from tmcore.matching import max_bipartite_r, max_prune_r
 
 __all__ = [
@@ -43,7 +43,7 @@ RSchedule = field_type(Rule(_R_ALLOWED, _check_r), RValue, json=pair_json(("r", 
 """A pydantic field type for ToMe-style ``r``: int, per-block list, or ``(r, inflect)``."""
 
 
-def parse_r(num_layers: int, r: RValue) -> list[int]:
+def parse_r(num_layers: int, r: RValue, reducer: str = "") -> list[int]:
     """Expand an ``r`` schedule to one value per block (ToMe's ``parse_r``).
 
     ``int`` -> constant; ``list`` -> padded with zeros to ``num_layers`` (longer is an error);
@@ -51,12 +51,7 @@ def parse_r(num_layers: int, r: RValue) -> list[int]:
     ``hi`` with each value truncated to int, exactly as the original computes it.
     """
     if isinstance(r, list):
-        if len(r) > num_layers:
-            raise InvalidConfigError(
-                f"r: a per-block list of length {len(r)} for a model with {num_layers} blocks; "
-                f"allowed: at most {num_layers} entries (missing ones are 0)"
-            )
-        return list(r) + [0] * (num_layers - len(r))
+        return per_block(reducer, "r", r, num_layers, pad=0)
     base, inflect = (r, 0.0) if isinstance(r, int) else r
     lo = int(base * (1.0 - inflect))
     hi = 2 * base - lo

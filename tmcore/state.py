@@ -8,12 +8,25 @@ in several threads at once, and a forward inside another gets its own. This modu
 
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 import torch
 from torch import Tensor
 
 from tmcore.tracing import Trace
 
-__all__ = ["TokenState", "LayerInputs", "INPUTS", "class_logits", "masked_softmax", "MASK_EPS"]
+__all__ = ["TokenState", "LayerInputs", "INPUTS", "Carried", "CarryRule", "class_logits", "masked_softmax", "MASK_EPS"]
+
+CarryRule = Literal["sum", "mean", "amax", "first"]
+
+
+class Carried(NamedTuple):
+    """A per-token tensor a reducer carries across blocks (`TokenState.carry`) and the rule that
+    reduces it with each plan."""
+
+    tensor: Tensor
+    rule: CarryRule
+
 
 INPUTS = frozenset({"keys", "cls_attn", "attn", "values"})
 """What a reducer may read from an attention layer (`LayerInputs`), by name: it declares them in
@@ -24,7 +37,7 @@ MASK_EPS = 1e-5
 weights all underflow."""
 
 
-def masked_softmax(logits: Tensor, mask: Tensor, eps: float = MASK_EPS) -> Tensor:
+def masked_softmax(logits: Tensor, mask: Tensor, eps: float = MASK_EPS, self_loop: bool = False) -> Tensor:
     """Softmax over keys where a soft keep-mask multiplies each key's weight (LTMP 4.4).
 
     ``p_ij = (e_ij * mask_j + eps / N) / (sum_j e_ij * mask_j + eps)`` with
@@ -36,12 +49,18 @@ def masked_softmax(logits: Tensor, mask: Tensor, eps: float = MASK_EPS) -> Tenso
         logits: ``[B, H, N, N]`` attention logits, biases (``log(size)``, padding) included.
         mask: ``[B, N]`` per-key weight in ``[0, 1]`` (1 alive, 0 removed).
         eps: stabiliser; rows whose alive keys all underflow become near-uniform, not NaN.
+        self_loop: every query keeps its own key at weight 1 whatever its mask (DiffRate's
+            ``softmax_with_policy``, with ``eps = 1e-6``); off by default (LTMP).
 
     Returns:
         ``[B, H, N, N]`` probabilities, in ``float32`` or wider.
     """
     logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * mask[:, None, None, :].to(logits.dtype)
+    weight = mask[:, None, None, :].to(logits.dtype)
+    if self_loop:
+        eye = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        weight = weight + (1 - weight) * eye
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * weight
     if eps == 0:
         return e / e.sum(dim=-1, keepdim=True)
     return (e + eps / e.shape[-1]) / (e.sum(dim=-1, keepdim=True) + eps)
@@ -70,6 +89,16 @@ class TokenState:
         expanded: dense outputs only (`tmcore.runtime.Runtime.dense_outputs`): the block
             output was brought back to the input length from this many slots, which the next
             block takes back (`tmcore.runtime.Runtime.compact`); ``None`` otherwise.
+        carried: per-token tensors a reducer carries from block to block (`carry`), by name,
+            each with the rule the runtime reduces it by with every plan.
+        mask_eps, mask_self_loop: the `masked_softmax` options under ``mask`` (the reducer's
+            ``mask_eps`` / ``mask_self_loop`` when it has them: LTMP's defaults, DiffRate's
+            ``1e-6`` with every query keeping its own key).
+        given_attn: ``[B, H, M, M]`` attention probabilities a reducer at position ``start``
+            hands to this block's attention (MCTF's one-step-ahead attention: the probabilities
+            of the unreduced tokens, reduced along both axes); the adapter's attention then uses
+            them instead of ``softmax(q k^T)`` (`tmcore.adapter.explicit_attention`). Set during
+            one block only; ``None`` otherwise.
     """
 
     __slots__ = (
@@ -86,6 +115,10 @@ class TokenState:
         "needs",
         "expanded",
         "first_sample",
+        "carried",
+        "given_attn",
+        "mask_eps",
+        "mask_self_loop",
     )
 
     def __init__(self, num_protected: int, num_input: int, prop_attn: bool, trace: Trace | None) -> None:
@@ -102,6 +135,18 @@ class TokenState:
         self.needs: tuple[frozenset[str], ...] | None = None
         self.expanded: int | None = None
         self.first_sample = 0
+        self.carried: dict[str, Carried] = {}
+        self.given_attn: Tensor | None = None
+        self.mask_eps = MASK_EPS
+        self.mask_self_loop = False
+
+    def carry(self, name: str, tensor: Tensor, rule: CarryRule = "sum") -> None:
+        """Carry ``tensor`` ``[B, N, ...]`` (one entry per current token) to the next blocks: the
+        runtime applies every later plan to it by ``rule`` (`tmcore.plan.carry_through`: ``sum``,
+        ``mean``, ``amax`` over each group, or ``first``, the value of the token that seeds the
+        slot), as it does to sizes, and gradient-checkpoint replay restores it with the rest of
+        the state. Read it back with ``state.carried[name].tensor``; it lives for one forward."""
+        self.carried = {**self.carried, name: Carried(tensor, rule)}
 
     def sample_index(self, x: Tensor) -> Tensor:
         """``[B]`` long: each sample's number, ``first_sample + b``. A reducer that is random by
@@ -113,7 +158,19 @@ class TokenState:
         """A copy to replay a block from (gradient checkpointing): the same tensors (a step
         replaces them, never writes into them), no captures, no trace."""
         new = TokenState(self.num_protected, self.num_input, self.prop_attn, None)
-        for name in ("size", "valid", "input_valid", "mask", "source", "needs", "expanded", "first_sample"):
+        for name in (
+            "size",
+            "valid",
+            "input_valid",
+            "mask",
+            "source",
+            "needs",
+            "expanded",
+            "first_sample",
+            "carried",
+            "mask_eps",
+            "mask_self_loop",
+        ):
             setattr(new, name, getattr(self, name))
         return new
 
@@ -141,7 +198,7 @@ class TokenState:
         added) under `mask`; the adapter's explicit attention path while `mask` is set."""
         if self.mask is None:
             raise RuntimeError("attn_probs needs a soft mask (training mode of a reducer with soft_step)")
-        return masked_softmax(logits, self.mask)
+        return masked_softmax(logits, self.mask, self.mask_eps, self.mask_self_loop)
 
     def count(self, x: Tensor) -> int | Tensor:
         """Tokens per sample of ``x``: an int, or a ``[B]`` long tensor for ragged batches and

@@ -13,6 +13,10 @@ core's (`tmcore.adapter`).
 Where the reducer needs the attention probabilities (soft-mask training, or ``attn`` in its
 needs), `_attention_probs` composes the Attention's public submodules around
 `tmcore.adapter.explicit_attention`; every other forward runs the fused path unchanged.
+
+Position ``start`` (MCTF's one-step-ahead attention): `_probe` gives the runtime q / k of the
+block input (``norm1``, the q / k rows of ``qkv``, ``q_norm`` / ``k_norm``); where the reducer
+then hands the block its attention probabilities, `_attention_probs` computes only the values.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from tmcore import Adapter, ModelInfo, NoAdapterError, Patch, Runtime, TmcoreError, TokenState
-from tmcore.adapter import bound_patch, explicit_attention, needs_explicit_attention, token_weights
+from tmcore.adapter import BOUND, bound_patch, explicit_attention, needs_explicit_attention, token_weights
 from tmcore.flops import BlockFlops
 from tmcore.pooling import weighted_mean
 
@@ -37,14 +41,39 @@ _SUPPORTED = (
 )
 
 
+def _qkv_rows(qkv: nn.Module, x: Tensor, first: int, count: int, heads: int) -> Tensor:
+    """``count`` of q, k, v (from ``first``: 0 q, 1 k, 2 v) of the fused projection ``qkv`` on
+    ``x`` ``[B, N, C]``, as ``[count, B, H, N, d]``. A plain ``nn.Linear`` without hooks computes
+    only those rows of its weight; anything else (hooks, LoRA or quantised wrappers) runs whole,
+    so what it adds is kept."""
+    b, n, _ = x.shape
+    if type(qkv) is nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks):
+        rows = slice(first * qkv.out_features // 3, (first + count) * qkv.out_features // 3)
+        out = nn.functional.linear(x, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+    else:
+        out = qkv(x).reshape(b, n, 3, qkv.out_features // 3)[:, :, first : first + count]
+    return out.reshape(b, n, count, heads, qkv.out_features // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+
+def _probe(attn: nn.Module, norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k ``[B, H, N, d]`` of the block input ``x``, as the attention would compute them."""
+    q, k = _qkv_rows(attn.qkv, norm(x), 0, 2, attn.num_heads).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k)
+
+
 def _attention_probs(attn: nn.Module, x: Tensor, bias: Tensor | None, state: TokenState, runtime: Runtime) -> Tensor:
     """timm ``Attention`` with explicit probabilities, composed from the module's public
-    submodules; q / k pass through ``q_norm`` / ``k_norm`` (their capture hooks fire as usual)."""
+    submodules; q / k pass through ``q_norm`` / ``k_norm`` (their capture hooks fire as usual).
+    With ``state.given_attn`` (position ``start``) only the values are computed."""
     b, n, _ = x.shape
     gate = getattr(attn, "gate", None)
     gate = gate(x).sigmoid() if gate is not None else None
-    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if state.given_attn is not None:
+        q = k = None
+        v = _qkv_rows(attn.qkv, x, 2, 1, attn.num_heads)[0]
+    else:
+        q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     y = explicit_attention(q, k, v, attn.scale, bias, state, runtime, attn.attn_drop)
     y = attn.norm(y.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
     if gate is not None:
@@ -63,7 +92,10 @@ def _block_forward(
         )
     runtime = bound_patch(block).runtime
     attend = partial(_attend, block, runtime, layer)
-    return runtime.run_block(layer, x, attend, partial(_feed_forward, block), block.attn.scale, block.training)
+    probe = partial(_probe, block.attn, block.norm1) if runtime.position == "start" else None
+    return runtime.run_block(
+        layer, x, attend, partial(_feed_forward, block), block.attn.scale, block.training, probe=probe
+    )
 
 
 def _attend(
@@ -117,7 +149,7 @@ class TimmViT(Adapter):
     description = _SUPPORTED
     library = "timm"
     supported_versions = ">=1.0,<1.1"
-    positions = frozenset({"attention", "layer"})
+    positions = frozenset({"attention", "layer", "start"})
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
@@ -142,7 +174,9 @@ class TimmViT(Adapter):
 
     def flops(self, model: nn.Module) -> BlockFlops:
         blk = model.blocks[0]
-        return BlockFlops(dim=model.embed_dim, mlp_hidden=blk.mlp.fc1.out_features)
+        patch = blk.__dict__.get(BOUND)
+        position = patch.runtime.position if patch is not None else "attention"
+        return BlockFlops(dim=model.embed_dim, mlp_hidden=blk.mlp.fc1.out_features, position=position)
 
     @classmethod
     def tiny_models(cls) -> dict[str, Callable[[], nn.Module]]:
@@ -214,6 +248,8 @@ class TimmViT(Adapter):
         needs = runtime.layer_needs[layer]  # blocks that need nothing keep fused attention and get no hooks
         patch.bind(block, "forward", _block_forward, layer)
         attn = block.attn
+        if runtime.position == "start":  # q / k come from the probe, before the attention runs
+            needs = needs - {"keys", "cls_attn", "attn"}
         if needs & {"keys", "cls_attn", "attn"}:
             patch.capture(attn.k_norm, "k")
         if needs & {"cls_attn", "attn"}:

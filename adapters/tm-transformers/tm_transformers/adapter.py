@@ -234,7 +234,7 @@ class TransformersEncoders(Adapter):
     description = _SUPPORTED
     library = "transformers"
     supported_versions = ">=5.0,<6.0"
-    positions = frozenset({"attention", "layer"})
+    positions = frozenset({"attention", "layer", "start"})
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:

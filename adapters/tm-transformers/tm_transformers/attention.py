@@ -5,8 +5,10 @@ Every attention module of the families this adapter supports runs
 with q, k, v ``[B, H, N, d]`` exactly as the attention uses them. A patched model's attention
 config names ``tmcore_sdpa`` (or ``tmcore_eager``): the function registered under that name
 hands q / k / v to the current forward's state (only what the block's reducer needs), computes
-the attention with explicit probabilities where the reducer reads them or a soft mask must
-enter the softmax (`tmcore.adapter.explicit_attention`), and otherwise calls the implementation
+the attention with explicit probabilities where the reducer reads them, a soft mask must
+enter the softmax or a reducer at position ``start`` handed the block its probabilities
+(``state.given_attn``: the module's q and k are then computed but unused), and otherwise calls
+the implementation
 the user chose (``sdpa`` stays fused). The additive bias (``log(size)``, padding) arrives as the
 module's own ``attention_mask`` argument: the patched layer forwards pass it there.
 
@@ -97,7 +99,8 @@ def tmcore_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     runtime, layer = link.runtime, link.layer
-    needs = runtime.block_needs(layer, state)
+    # at position start the reducer read q / k from the layout's probe, before this attention
+    needs = runtime.block_needs(layer, state) if runtime.position != "start" else frozenset()
     if needs & _NEEDS_K:
         runtime.capture("k", key)
     if needs & _NEEDS_Q:

@@ -13,6 +13,11 @@ Four layouts cover the supported families:
 - ``clip`` (pre-norm): ``layer_norm1`` -> ``self_attn`` + residual -> [reduce] -> ``layer_norm2`` ->
   ``mlp`` + residual -> [reduce].
 
+Position ``start`` (MCTF's one-step-ahead attention) reduces the layer input before the
+attention; each layout's ``probe`` gives the runtime q / k of that input as the attention would
+compute them (BERT's and DistilBERT's attention read the input itself, post-norm; ViT / DeiT's
+and CLIP's read it after their first LayerNorm).
+
 The attention submodule gets the state's additive bias (``log(size)``, the lowest value on
 padding) as its own ``attention_mask`` argument; the mask the encoder passes is for the unreduced length and is
 ignored (block 0 takes the padding from the base model's 2D ``attention_mask``, which the forward
@@ -49,6 +54,8 @@ class Layout:
         attend: ``(block, x, bias, kwargs) -> x``, the attention sub-layer with its residual / norm.
         feed_forward: ``(block, x) -> x``, the MLP sub-layer with its residual / norm.
         dims: ``(block) -> (dim, mlp_hidden, attn_dim)`` for the FLOP model.
+        probe: ``(block, x) -> (q, k)`` ``[B, H, N, d]`` of the layer input ``x``, as its
+            attention computes them (position ``start``).
     """
 
     attention: Callable[[nn.Module], nn.Module]
@@ -56,6 +63,32 @@ class Layout:
     attend: Callable[[nn.Module, Tensor, Tensor | None, dict[str, Any]], Tensor]
     feed_forward: Callable[[nn.Module, Tensor], Tensor]
     dims: Callable[[nn.Module], tuple[int, int, int]]
+    probe: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
+
+
+def _heads(linear: nn.Module, x: Tensor, head_dim: int) -> Tensor:
+    """``[B, N, C]`` -> ``[B, H, N, d]``: a q / k projection split into heads, as the attention does."""
+    return linear(x).view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+
+
+def _bert_probe(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    a = block.attention.self
+    return _heads(a.query, x, a.attention_head_size), _heads(a.key, x, a.attention_head_size)
+
+
+def _distilbert_probe(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    a = block.attention
+    return _heads(a.q_lin, x, a.attention_head_size), _heads(a.k_lin, x, a.attention_head_size)
+
+
+def _vit_probe(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    a, h = block.attention, block.layernorm_before(x)
+    return _heads(a.q_proj, h, a.head_dim), _heads(a.k_proj, h, a.head_dim)
+
+
+def _clip_probe(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    a, h = block.self_attn, block.layer_norm1(x)
+    return _heads(a.q_proj, h, a.head_dim), _heads(a.k_proj, h, a.head_dim)
 
 
 def _bert_attend(block: nn.Module, x: Tensor, bias: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
@@ -105,6 +138,7 @@ LAYOUTS: dict[str, Layout] = {
         attend=_bert_attend,
         feed_forward=_bert_feed_forward,
         dims=lambda b: _linear_dims(b.attention.self.query, b.intermediate.dense),
+        probe=_bert_probe,
     ),
     "distilbert": Layout(
         attention=lambda b: b.attention,
@@ -112,6 +146,7 @@ LAYOUTS: dict[str, Layout] = {
         attend=_distilbert_attend,
         feed_forward=_distilbert_feed_forward,
         dims=lambda b: _linear_dims(b.attention.q_lin, b.ffn.lin1),
+        probe=_distilbert_probe,
     ),
     "vit": Layout(
         attention=lambda b: b.attention,
@@ -119,6 +154,7 @@ LAYOUTS: dict[str, Layout] = {
         attend=_vit_attend,
         feed_forward=_vit_feed_forward,
         dims=lambda b: _linear_dims(b.attention.q_proj, b.mlp.fc1),
+        probe=_vit_probe,
     ),
     "clip": Layout(
         attention=lambda b: b.self_attn,
@@ -126,6 +162,7 @@ LAYOUTS: dict[str, Layout] = {
         attend=_clip_attend,
         feed_forward=_clip_feed_forward,
         dims=lambda b: _linear_dims(b.self_attn.q_proj, b.mlp.fc1),
+        probe=_clip_probe,
     ),
 }
 """Layout name -> `Layout` (the patched forwards hold the name: plain data in the undo log)."""
@@ -175,7 +212,10 @@ def _reduced_forward(layout: str, block: nn.Module, runtime: Runtime, layer: int
     spec = LAYOUTS[layout]
     _check_dispatch(spec.attention(block), runtime, layer)
     attend = partial(_attend, spec.attend, block, kwargs)
-    return runtime.run_block(layer, x, attend, partial(spec.feed_forward, block), spec.scale(block), block.training)
+    probe = partial(spec.probe, block) if runtime.position == "start" else None
+    return runtime.run_block(
+        layer, x, attend, partial(spec.feed_forward, block), spec.scale(block), block.training, probe=probe
+    )
 
 
 def _attend(attend: Callable, block: nn.Module, kwargs: dict, x: Tensor, bias: Tensor | None, state: Any) -> Tensor:

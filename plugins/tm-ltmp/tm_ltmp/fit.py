@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,18 +14,15 @@ from torch import Tensor, nn
 import tmcore
 from tm_ltmp.loss import flops_ratio, loss_parts
 from tm_ltmp.reducer import LTMP
-from tmcore import InvalidConfigError, NotAppliedError
+from tmcore import InvalidConfigError
+from tmcore.training import StepProgress, TrainOnly
 
 __all__ = ["fit", "FitHistory", "thresholds", "get_reducer"]
 
 
 def get_reducer(model: nn.Module) -> LTMP:
     """The `LTMP` reducer ``tmcore.apply(model, "ltmp", ...)`` installed on ``model``."""
-    patch = tmcore.get_patch(model)
-    if patch is None or not isinstance(patch.reducer, LTMP):
-        found = "no reducer" if patch is None else f"reducer {patch.reducer.name!r}"
-        raise NotAppliedError(f"this model carries {found}; call tmcore.apply(model, 'ltmp', ...) first")
-    return patch.reducer
+    return tmcore.get_reducer(model, LTMP)
 
 
 def thresholds(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -62,49 +58,6 @@ class FitHistory:
     @property
     def steps(self) -> int:
         return len(self.loss)
-
-
-class _Progress:
-    """A rich progress bar on stderr when rich is installed and stderr is a terminal, else a
-    plain line every ``every`` steps (logs of long runs show progress as it happens)."""
-
-    def __init__(self, total: int | None, enabled: bool, every: int) -> None:
-        self.enabled, self.every, self.bar = enabled, max(every, 1), None
-        self.total = total
-        if not enabled:
-            return
-        try:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        except ImportError:
-            return
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            return
-        self.bar = Progress(
-            TextColumn("ltmp fit"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.description}"),
-            transient=False,
-            console=console,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task("", total=total)
-
-    def update(self, step: int, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, description=text)
-        elif step % self.every == 0 or step == self.total:
-            of = f"/{self.total}" if self.total else ""
-            print(f"ltmp fit step {step}{of}: {text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _lrs(lr: float | Sequence[float]) -> tuple[float, float]:
@@ -228,17 +181,11 @@ def fit(
     opt = torch.optim.SGD(groups, momentum=momentum)
     base_lrs = (prune_lr, merge_lr)
     history = FitHistory()
-    was_training = model.training
-    flags = [p.requires_grad for p in params]
-    bar = _Progress(total, progress, log_every)
+    bar = StepProgress("ltmp fit", total, progress, log_every)
     step = 0
     multiplier, start, reached = 0.0, None, False
+    frozen = TrainOnly(model, [merge_p, prune_p])
     try:
-        for p in params:
-            p.requires_grad_(False)
-        merge_p.requires_grad_(True)
-        prune_p.requires_grad_(True)
-        model.train()
         for epoch in range(epochs):
             for batch in loader:
                 if max_steps is not None and step >= max_steps:
@@ -298,9 +245,7 @@ def fit(
     finally:
         bar.close()
         opt.zero_grad(set_to_none=True)
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
+        frozen.restore()
     history.merge_threshold = merge_p.detach().cpu().clone()
     history.prune_threshold = prune_p.detach().cpu().clone()
     return history

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tmcore.compiling import per_shape
-from tmcore.matching import best_partner, rank_key
+from tmcore.matching import best_partner, bipartite_scores, rank_key
 
 __all__ = ["threshold_mask", "importance", "best_match", "output_order", "output_position", "concat_order"]
 
@@ -67,15 +67,6 @@ def importance(attn: Tensor, num_protected: int, valid: Tensor | None = None, ke
     return imp.masked_fill(protected, math.inf)
 
 
-@per_shape(maxsize=64)
-def _blocked(n: int, p: int, device: torch.device) -> Tensor:
-    """``[Na, Nb]`` bool: pairs where the A token (a source) or the B token (a destination) is
-    protected."""
-    a = torch.arange(0, n, 2, device=device) < p
-    b = torch.arange(1, n, 2, device=device) < p
-    return a[:, None] | b[None, :]
-
-
 def best_match(
     keys: Tensor, num_protected: int, weight: Tensor | None = None, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -96,18 +87,10 @@ def best_match(
         partner) and the B index (``0 <= idx < Nb``) it is reached at.
     """
     b, n, _ = keys.shape
-    m = keys / keys.norm(dim=-1, keepdim=True)
-    if weight is not None:
-        m = m * weight.unsqueeze(-1).to(m.dtype)
     if n < 2:  # no B token left: nothing can merge
         empty = keys.new_full((b, (n + 1) // 2), -math.inf)
         return empty, torch.zeros(empty.shape, dtype=torch.long, device=keys.device)
-    scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
-    blocked = _blocked(n, num_protected, keys.device)
-    if valid is not None:
-        blocked = blocked | ~(valid[:, ::2, None] & valid[:, None, 1::2])
-    scores = scores.masked_fill(blocked, -math.inf)
-    return best_partner(scores)
+    return best_partner(bipartite_scores(keys, num_protected, valid, weight))
 
 
 @per_shape(maxsize=64)

@@ -17,8 +17,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from tm_ltmp.masks import best_match, concat_order, importance, output_order, output_position, threshold_mask
-from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
-from tmcore.config import Choice, Number, PerBlock, rule_of, show
+from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, Scores, TokenState
+from tmcore.config import Choice, Number, PerBlock, per_block, rule_of, show
 from tmcore.plan import merge_weighted, pack, reduce, unit_sizes
 
 __all__ = ["LTMP", "LTMPConfig", "DEFAULT_THRESHOLDS"]
@@ -69,9 +69,6 @@ class LTMPConfig(ReducerConfig):
         default=0.75,
         description="FLOPs ratio that tm_ltmp.fit trains the thresholds towards, 0 < target <= 1",
     )
-
-
-_Scores = tuple[Tensor | None, Tensor | None, Tensor]
 
 
 def _threshold_problem(value: Tensor, layers: int) -> str:
@@ -138,28 +135,19 @@ class LTMP(BaseReducer):
     prune_threshold: nn.Parameter
 
     def setup(self) -> None:
-        cfg, layers = self.config, self.info.num_layers
+        cfg = self.config
         self.prop_attn = cfg.mode != "prune"
         # The original pools the class token; when the head pools the other tokens (or there
         # is no protected token), one of them must survive every block.
         self.keep_top = self.info.pool != "token" or self.info.num_protected == 0
         merge0, prune0 = DEFAULT_THRESHOLDS[cfg.mode]
-        self.merge_threshold = nn.Parameter(self._per_block("merge_threshold", cfg.merge_threshold, merge0, layers))
-        self.prune_threshold = nn.Parameter(self._per_block("prune_threshold", cfg.prune_threshold, prune0, layers))
+        self.merge_threshold = nn.Parameter(self._per_block("merge_threshold", cfg.merge_threshold, merge0))
+        self.prune_threshold = nn.Parameter(self._per_block("prune_threshold", cfg.prune_threshold, prune0))
         self._live: tuple[tuple, tuple[frozenset[str], ...]] | None = None  # (thresholds' versions, needs)
 
-    @staticmethod
-    def _per_block(field: str, value: float | list[float] | None, default: float, layers: int) -> Tensor:
-        if value is None:
-            value = default
-        if isinstance(value, list):
-            if len(value) != layers:
-                raise InvalidConfigError(
-                    f"invalid config for reducer 'ltmp': {field} has {len(value)} values ({value!r}), but the "
-                    f"model has {layers} blocks; give one float for every block or a list of {layers}"
-                )
-            return torch.tensor(value, dtype=torch.float32)
-        return torch.full((layers,), float(value), dtype=torch.float32)
+    def _per_block(self, field: str, value: float | list[float] | None, default: float) -> Tensor:
+        values = per_block(self.name, field, default if value is None else value, self.info.num_layers)
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
     # -- learned state -------------------------------------------------------------------------
 
@@ -296,19 +284,19 @@ class LTMP(BaseReducer):
             cached = self._live = (key, needs)
         return cached[1]
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> _Scores:
-        """``(keys [B, N, d], importance [B, N], tokens [B, N, C])``; keys and importance are
-        ``None`` in blocks whose thresholds cannot use them (`live_needs`)."""
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Scores:
+        """``metric``: keys ``[B, N, d]``, ``importance`` ``[B, N]`` (each ``None`` in blocks whose
+        thresholds cannot use them, `live_needs`), ``extra["tokens"]`` ``[B, N, C]`` (shapes)."""
         needs = inputs.needs
         keys = inputs.keys if self.config.mode != "prune" and "keys" in needs else None
         imp = None
         if self.config.mode != "merge" and "attn" in needs:
             imp = importance(inputs.attn, state.num_protected, state.valid, self.keep_top)
         assert inputs.tokens is not None
-        return keys, imp, inputs.tokens
+        return Scores(metric=keys, importance=imp, extra={"tokens": inputs.tokens})
 
-    def match(self, layer: int, scores: _Scores, state: TokenState) -> Plan | None:
-        keys, imp, tokens = scores
+    def match(self, layer: int, scores: Scores, state: TokenState) -> Plan | None:
+        keys, imp, tokens = scores.metric, scores.importance, scores.extra["tokens"]
         mode, valid, p = self.config.mode, state.valid, state.num_protected
         b, n = tokens.shape[:2]
         theta_merge, theta_prune = self._thresholds(layer, tokens.device)

@@ -78,11 +78,11 @@ def test_bad_config_is_refused_naming_field_value_and_allowed(vit, config, messa
     [
         (
             {"margin": [0.5, 0.4, 0.3]},
-            r"margin: a per-block list of length 3 \(\[0\.5, 0\.4, 0\.3\]\) for a model with 4 blocks; "
-            r"allowed: exactly 4",
+            r"margin=\[0\.5, 0\.4, 0\.3\] has 3 entries for a model with 4 blocks; "
+            r"allowed: one value for every block, or a list of exactly 4 entries",
         ),
-        ({"variant": ["pitome"] * 5}, r"variant: a per-block list of length 5 .* 4 blocks"),
-        ({"ratio": [0.9] * 3}, r"ratio: a per-block list of length 3 .* 4 blocks"),
+        ({"variant": ["pitome"] * 5}, r"variant=\['pitome', .* has 5 entries for a model with 4 blocks"),
+        ({"ratio": [0.9] * 3}, r"ratio=\[0\.9, 0\.9, 0\.9\] has 3 entries for a model with 4 blocks"),
         (
             {"variant": "pitome_text", "margin": 1.0},
             r"margin: block 0 uses 'pitome_text' with margin 1\.0; allowed: margin < 1",

@@ -30,7 +30,7 @@ from torch import Tensor
 from tm_pitome.energy import elu_energy, energy_order, gaussian_energy, similarity
 from tmcore import Plan
 from tmcore.compiling import per_shape
-from tmcore.matching import best_partner, bipartite_soft_matching, rank_key
+from tmcore.matching import best_partner, bipartite_plan, bipartite_scores, bipartite_soft_matching, rank_key
 from tmcore.plan import pack
 
 __all__ = [
@@ -329,26 +329,9 @@ def bsm_plan_padded(metric: Tensor, r: Tensor, valid: Tensor, num_protected: int
         A ragged Plan: ``[prefix, unmerged A, B]``, unmerged A in positional order when ``p > 0``
         and by descending match score when ``p == 0`` (the core's orders).
     """
-    batch, n, _ = metric.shape
-    p = num_protected
-    a_pos, b_pos = slice(p + p % 2, n, 2), slice(p + 1 - p % 2, n, 2)  # unprotected even / odd positions
-    a_real, b_real = valid[:, a_pos], valid[:, b_pos]
     with torch.no_grad():
-        unit = metric / metric.norm(dim=-1, keepdim=True)  # the core's normalisation
-        scores = unit[:, a_pos] @ unit[:, b_pos].transpose(-1, -2)
-        scores = scores.masked_fill(~(a_real.unsqueeze(2) & b_real.unsqueeze(1)), -math.inf)
-        best, best_b = best_partner(scores)
-        a = torch.arange(a_pos.start - p, n - p, 2, device=metric.device).expand(batch, -1)
-        b = torch.arange(b_pos.start - p, n - p, 2, device=metric.device).expand(batch, -1)
-        ranked, merges, src, target = _ranked_padded(best, best_b, a, r, p, width)
-        if p:  # unmerged A tokens keep their positional order
-            merged = torch.empty_like(merges).scatter_(1, ranked, merges)  # by A position
-            a_cand, a_kept = a, a_real & ~merged
-        else:  # ... or come by descending match score
-            a_cand, a_kept = a.gather(1, ranked), a_real.gather(1, ranked) & ~merges
-        candidates = torch.cat([_prefix(batch, p, metric.device), a_cand + p, b + p], dim=1)
-        kept = torch.cat([valid[:, :p], a_kept, b_real], dim=1)
-        return _finish(candidates, kept, src, target, r, valid, m)
+        best, partner = best_partner(bipartite_scores(metric, num_protected, valid))
+        return bipartite_plan(best, partner, width, metric.shape[1], num_protected, valid, each=r, num_out=m)
 
 
 def energy_scores(

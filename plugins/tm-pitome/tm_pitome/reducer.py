@@ -11,7 +11,7 @@ is ragged with a static size (`tm_pitome.merge.padded_bounds`), so nothing syncs
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -27,7 +27,7 @@ from tm_pitome.merge import (
     removed,
     removed_each,
 )
-from tmcore import BaseReducer, InvalidConfigError, Plan, ReducerConfig, TokenState
+from tmcore import BaseReducer, InvalidConfigError, Plan, ReducerConfig, Scores, TokenState
 from tmcore.config import (
     Bool,
     Choice,
@@ -38,6 +38,7 @@ from tmcore.config import (
     check_pair,
     field_type,
     pair_json,
+    per_block,
     rule_of,
 )
 from tmcore.matching import bipartite_soft_matching
@@ -113,18 +114,6 @@ class PiToMeConfig(ReducerConfig):
         description="average merged features by token size (sizes carried across blocks); default on, "
         "off for text as in the original's BERT patches",
     )
-
-
-class _Scores(NamedTuple):
-    """One layer's score: the similarity and the energy order of the non-protected tokens
-    (``bsm``: the keys, no order). On a padded batch, also each sample's count and the bounds."""
-
-    metric: Tensor  # [B, T, T] similarity; bsm: [B, N, d] keys
-    order: Tensor | None  # [B, T] by descending energy (padding last); bsm: None
-    r: int  # tokens to remove; padded: the most any sample removes (r_max)
-    each: Tensor | None = None  # padded: [B] long r_i
-    valid: Tensor | None = None  # padded: [B, N] bool
-    slots: int = 0  # padded: static output size (m_max)
 
 
 class PiToMe(BaseReducer):
@@ -204,13 +193,7 @@ class PiToMe(BaseReducer):
                 )
 
     def _per_block(self, field: str, values: list[Any]) -> list[Any]:
-        n_layers = self.info.num_layers
-        if len(values) != n_layers:
-            raise InvalidConfigError(
-                f"{field}: a per-block list of length {len(values)} ({values!r}) for a model with {n_layers} "
-                f"blocks; allowed: exactly {n_layers} entries, or a single value for every block"
-            )
-        return list(values)
+        return per_block(self.name, field, values, self.info.num_layers)
 
     def token_counts(self, num_tokens: int | Tensor, num_protected: int | None = None) -> list[Any]:
         """Tokens entering each block, then the count leaving the last block (static).
@@ -231,7 +214,11 @@ class PiToMe(BaseReducer):
     def needs(self, layer: int) -> frozenset[str]:
         return self.requires if self.ratios[layer] < 1.0 else frozenset()
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> _Scores | None:
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Scores | None:
+        """``bsm``: the keys as ``metric``; the energy procedures: ``similarity`` ``[B, T, T]``
+        of the unprotected tokens and their energy ``order`` ``[B, T]`` (padding last). ``count``:
+        tokens to remove (padded: the most any sample removes, ``each`` per sample, ``slots`` the
+        static output size)."""
         ratio = self.ratios[layer]
         if ratio >= 1.0:
             return None
@@ -243,11 +230,11 @@ class PiToMe(BaseReducer):
         if r <= 0:  # too few tokens left to remove one; the original would only re-order them
             return None
         if variant == "bsm":
-            return _Scores(keys, None, r)
+            return Scores(metric=keys, count=r)
         sim, order = energy_scores(keys[:, p:], self.margins[layer], variant, self.config.alpha)
-        return _Scores(sim, order, r)
+        return Scores(similarity=sim, order=order, count=r)
 
-    def _score_padded(self, layer: int, keys: Tensor, valid: Tensor, p: int) -> _Scores | None:
+    def _score_padded(self, layer: int, keys: Tensor, valid: Tensor, p: int) -> Scores | None:
         """`score` on a padded batch: ``r_i`` from each sample's own real tokens, energies over
         them only, padding ranked last; the static bounds come from the padded length."""
         ratio, variant = self.ratios[layer], self.variants[layer]
@@ -257,29 +244,29 @@ class PiToMe(BaseReducer):
         real = valid[:, p:]
         each = removed_each(variant, real.sum(1), ratio, p)
         if variant == "bsm":
-            return _Scores(keys, None, width, each, valid, slots)
+            return Scores(metric=keys, count=width, each=each, slots=slots)
         sim, order = energy_scores(keys[:, p:], self.margins[layer], variant, self.config.alpha, real)
-        return _Scores(sim, order, width, each, valid, slots)
+        return Scores(similarity=sim, order=order, count=width, each=each, slots=slots)
 
-    def match(self, layer: int, scores: _Scores | None, state: TokenState) -> Plan | None:
+    def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None:
         if scores is None:
             return None
         variant, p = self.variants[layer], state.num_protected
         with torch.no_grad():
             if scores.each is not None:
-                assert scores.valid is not None
+                assert state.valid is not None
                 if variant == "bsm":
-                    plan = bsm_plan_padded(scores.metric, scores.each, scores.valid, p, scores.r, scores.slots)
+                    plan = bsm_plan_padded(scores.metric, scores.each, state.valid, p, scores.count, scores.slots)
                 else:
                     assert scores.order is not None
                     plan = padded_plan(
-                        variant, scores.metric, scores.order, scores.each, scores.valid, scores.r, scores.slots
+                        variant, scores.similarity, scores.order, scores.each, state.valid, scores.count, scores.slots
                     )
             elif variant == "bsm":
-                plan = bipartite_soft_matching(scores.metric, scores.r, p)
+                plan = bipartite_soft_matching(scores.metric, scores.count, p)
             else:
                 assert scores.order is not None
-                plan = VARIANTS[variant](scores.metric, scores.order, scores.r, p)
+                plan = VARIANTS[variant](scores.similarity, scores.order, scores.count, p)
         if self.size_weighted:
             return plan
         # Plain mean of each group as in the original's text patches; the sizes are still carried

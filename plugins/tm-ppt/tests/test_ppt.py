@@ -177,7 +177,11 @@ def test_a_model_without_a_class_token_is_refused():
         ({"layers": [1], "r": True}, r"r=True: must be an int"),
         ({"layers": [1], "r": 2.0}, r"r=2.0: must be an int"),
         ({"layers": [1], "r": "5"}, r"r='5': must be an int"),
-        ({"layers": [1, 2], "r": [4]}, r"r=\[4\] has 1 entries but layers=\[1, 2\] has 2"),
+        (
+            {"layers": [1, 2], "r": [4]},
+            r"r=\[4\] has 1 entries for layers=\[1, 2\]; allowed: one value for every listed block, or a list of "
+            r"exactly 2",
+        ),
         ({"layers": [1], "threshold": math.nan}, r"threshold=nan: must be a number in \[-inf, inf\], not NaN"),
         ({"layers": [1], "threshold": "0.1"}, r"threshold='0.1': must be a number"),
         ({"layers": [1], "threshold": True}, r"threshold=True: must be a number"),

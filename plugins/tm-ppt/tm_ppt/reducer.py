@@ -15,11 +15,11 @@ sample's real tokens only; both branches are the core's padded plans (each sampl
 from __future__ import annotations
 
 import math
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from tmcore import (
@@ -29,10 +29,11 @@ from tmcore import (
     LayerInputs,
     Plan,
     ReducerConfig,
+    Scores,
     TokenState,
     bipartite_soft_matching,
 )
-from tmcore.config import Blocks, Bool, Integer, Number, PerBlock
+from tmcore.config import Blocks, Bool, Integer, Number, PerBlock, per_block, show
 from tmcore.matching import prune_lowest
 from tmcore.plan import select
 
@@ -106,20 +107,6 @@ class PPTConfig(ReducerConfig):
         "on as in the original; off: plain means",
     )
 
-    @model_validator(mode="after")
-    def _r_per_layer(self) -> PPTConfig:
-        if isinstance(self.r, list) and len(self.r) != len(self.layers):
-            raise ValueError(
-                f"r={self.r!r} has {len(self.r)} entries but layers={self.layers!r} has {len(self.layers)}; "
-                "give one r per listed block, or a single int"
-            )
-        return self
-
-
-class _Scores(NamedTuple):
-    keys: Tensor | None  # [B, N, d] head-mean keys (pooling), None where no image can pool
-    significance: Tensor | None  # [B, N - p] (pruning and the choice), None where every image pools
-
 
 class PPT(BaseReducer):
     """Token Pruning and Pooling. At each listed block, after attention, every image removes
@@ -156,7 +143,8 @@ class PPT(BaseReducer):
                 f"model with {info.num_layers} blocks; allowed: 0 to {info.num_layers - 1}"
             )
         self.prop_attn = cfg.prop_attn
-        r_at = dict(zip(cfg.layers, cfg.r if isinstance(cfg.r, list) else [cfg.r] * len(cfg.layers)))
+        each = per_block(self.name, "r", cfg.r, len(cfg.layers), "listed block", f"layers={show(cfg.layers)}")
+        r_at = dict(zip(cfg.layers, each))
         self.schedule = BipartiteSchedule(
             [r_at.get(layer, 0) for layer in range(info.num_layers)], info.num_tokens, info.num_protected
         )
@@ -174,7 +162,9 @@ class PPT(BaseReducer):
             return frozenset({"cls_attn", "values"})
         return self.requires
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> _Scores | None:
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Scores | None:
+        """``metric``: head-mean keys (pooling), ``None`` where no image can pool; ``importance``:
+        ``[B, N - p]`` significance (pruning and the choice), ``None`` where every image pools."""
         if not inputs.needs:
             return None
         keys = None if self.prune_only else inputs.keys
@@ -183,24 +173,24 @@ class PPT(BaseReducer):
             cls_attn = inputs.cls_attn
             dtype = torch.promote_types(cls_attn.dtype, torch.float32)  # variances of ~1/N scores
             sig = significance(cls_attn.to(dtype), inputs.values.to(dtype), state.num_protected, state.valid)
-        return _Scores(keys, sig)
+        return Scores(metric=keys, importance=sig)
 
-    def match(self, layer: int, scores: _Scores | None, state: TokenState) -> Plan | None:
+    def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None:
         r = self.schedule(state.num_input)[layer]
         if r == 0 or scores is None:
             return None
         p, valid = state.num_protected, state.valid
         if self.pool_only:
-            plan = bipartite_soft_matching(scores.keys, r, p, valid)
+            plan = bipartite_soft_matching(scores.metric, r, p, valid)
         else:
-            sig = scores.significance
+            sig = scores.importance
             prune = prune_lowest(F.pad(sig, (p, 0)), r, p, valid)
             if self.prune_only:
                 plan = prune
             else:
                 # [B], unbiased as the original; over each sample's real tokens on a padded batch
                 var = sig.var(dim=1) if valid is None else masked_variance(sig, valid[:, p:])
-                plan = select(var < self.config.threshold, bipartite_soft_matching(scores.keys, r, p, valid), prune)
+                plan = select(var < self.config.threshold, bipartite_soft_matching(scores.metric, r, p, valid), prune)
         if not self.prop_attn:  # the original then merges with all-ones sizes: a plain mean
             plan = plan.with_equal_weights()
         return plan

@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 from pydantic import Field
-from torch import Tensor
 
 from tm_random.draws import draw_keys, layer_key
-from tmcore import BaseReducer, LayerInputs, Plan, ReducerConfig, RSchedule, TokenState
+from tmcore import BaseReducer, LayerInputs, Plan, ReducerConfig, RSchedule, Scores, TokenState
 from tmcore.config import Bool, Integer
 from tmcore.matching import prune_lowest_in_order
 from tmcore.schedule import PruneSchedule, parse_r
@@ -63,21 +62,22 @@ class RandomPrune(BaseReducer):
     def setup(self) -> None:
         cfg, info = self.config, self.info
         self.prop_attn = cfg.prop_attn
-        self.schedule = PruneSchedule(parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected)
+        self.schedule = PruneSchedule(parse_r(info.num_layers, cfg.r, self.name), info.num_tokens, info.num_protected)
         self.keys = tuple(layer_key(cfg.seed, layer) for layer in range(info.num_layers))
 
     def needs(self, layer: int) -> frozenset[str]:
         return frozenset()
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Tensor | None:
-        """``[B, N]`` int64 random sort keys of block ``layer``'s tokens (``None`` where it drops nothing)."""
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Scores | None:
+        """Importance ``[B, N]``: int64 random sort keys of block ``layer``'s tokens (``None``
+        where it drops nothing)."""
         if not self.schedule.active(layer):
             return None
         x = inputs.tokens
-        return draw_keys(self.keys[layer], state.sample_index(x), x.shape[1])
+        return Scores(importance=draw_keys(self.keys[layer], state.sample_index(x), x.shape[1]))
 
-    def match(self, layer: int, scores: Tensor | None, state: TokenState) -> Plan | None:
+    def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None:
         r = self.schedule(state.num_input)[layer]
         if r == 0 or scores is None:
             return None
-        return prune_lowest_in_order(scores, r, state.num_protected, state.valid)
+        return prune_lowest_in_order(scores.importance, r, state.num_protected, state.valid)

@@ -6,9 +6,17 @@ from __future__ import annotations
 from typing import ClassVar
 
 from pydantic import Field
-from torch import Tensor
 
-from tmcore import BaseReducer, BipartiteSchedule, Plan, ReducerConfig, RSchedule, TokenState, bipartite_soft_matching
+from tmcore import (
+    BaseReducer,
+    BipartiteSchedule,
+    Plan,
+    ReducerConfig,
+    RSchedule,
+    Scores,
+    TokenState,
+    bipartite_soft_matching,
+)
 from tmcore.config import OptionalBool
 from tmcore.schedule import parse_r
 
@@ -46,13 +54,15 @@ class ToMe(BaseReducer):
         cfg, info = self.config, self.info
         # The original defaults to proportional attention except for off-the-shelf MAE models.
         self.prop_attn = (not info.mae) if cfg.prop_attn is None else cfg.prop_attn
-        self.schedule = BipartiteSchedule(parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected)
+        self.schedule = BipartiteSchedule(
+            parse_r(info.num_layers, cfg.r, self.name), info.num_tokens, info.num_protected
+        )
 
     def needs(self, layer: int) -> frozenset[str]:
         return self.requires if self.schedule.active(layer) else frozenset()
 
-    def match(self, layer: int, scores: Tensor | None, state: TokenState) -> Plan | None:
+    def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None:
         r = self.schedule(state.num_input)[layer]
-        if r == 0:
+        if r == 0 or scores is None:
             return None
-        return bipartite_soft_matching(scores, r, state.num_protected, valid=state.valid)
+        return bipartite_soft_matching(scores.metric, r, state.num_protected, valid=state.valid)

@@ -5,7 +5,7 @@ The method is `class_importance` and `ToMeCIS.match`; matching and merging are t
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -18,6 +18,7 @@ from tmcore import (
     Plan,
     ReducerConfig,
     RSchedule,
+    Scores,
     TokenState,
     bipartite_soft_matching,
 )
@@ -49,11 +50,6 @@ class ToMeCISConfig(ReducerConfig):
     )
 
 
-class _Scores(NamedTuple):
-    keys: Tensor  # [B, N, d] head-mean keys, the matching metric
-    importance: Tensor  # [B, N] class importance, the merge weight
-
-
 class ToMeCIS(BaseReducer):
     """Token merging with class importance score. In every block, after attention: ToMe's
     bipartite soft matching of head-mean keys merges ``r`` tokens (protected prefix tokens never
@@ -82,22 +78,25 @@ class ToMeCIS(BaseReducer):
     def setup(self) -> None:
         cfg, info = self.config, self.info
         self.prop_attn = cfg.prop_attn
-        self.schedule = BipartiteSchedule(parse_r(info.num_layers, cfg.r), info.num_tokens, info.num_protected)
+        self.schedule = BipartiteSchedule(
+            parse_r(info.num_layers, cfg.r, self.name), info.num_tokens, info.num_protected
+        )
 
     def needs(self, layer: int) -> frozenset[str]:
         return self.requires if self.schedule.active(layer) else frozenset()
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> _Scores | None:
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Scores | None:
         if not inputs.needs:
             return None
         cls_attn = inputs.cls_attn
         # in float32 at least: half-precision products of ~1/N attentions lose their low bits
         dtype = torch.promote_types(cls_attn.dtype, torch.float32)
-        return _Scores(inputs.keys, class_importance(cls_attn.to(dtype), inputs.values.to(dtype)))
+        # metric: head-mean keys (the matching); importance: class importance (the merge weight)
+        return Scores(metric=inputs.keys, importance=class_importance(cls_attn.to(dtype), inputs.values.to(dtype)))
 
-    def match(self, layer: int, scores: _Scores | None, state: TokenState) -> Plan | None:
+    def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None:
         r = self.schedule(state.num_input)[layer]
         if r == 0 or scores is None:
             return None
-        plan = bipartite_soft_matching(scores.keys, r, state.num_protected, valid=state.valid)
+        plan = bipartite_soft_matching(scores.metric, r, state.num_protected, valid=state.valid)
         return plan.with_weight(scores.importance.unsqueeze(-1))

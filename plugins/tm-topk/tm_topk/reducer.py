@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, TokenState
+from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, Scores, TokenState
 from tmcore.config import Blocks, Bool, Number, show
 from tmcore.matching import rank_key, real_tokens
 from tmcore.plan import merge_tokens, pack, reduce, unit_sizes
@@ -212,19 +212,19 @@ class TopK(BaseReducer):
     def needs(self, layer: int) -> frozenset[str]:
         return self.requires if layer in self.layers else frozenset()
 
-    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Tensor | None:
-        """``[B, N]`` the class token's attention averaged over heads (at least float32, so that
+    def score(self, layer: int, inputs: LayerInputs, state: TokenState) -> Scores | None:
+        """Importance ``[B, N]``: the class token's attention averaged over heads (at least float32, so that
         half-precision attentions of ~1/N do not tie), ``None`` where the block does not reduce."""
         if not inputs.needs:
             return None
         cls_attn = inputs.cls_attn
-        return cls_attn.to(torch.promote_types(cls_attn.dtype, torch.float32)).mean(dim=1)
+        return Scores(importance=cls_attn.to(torch.promote_types(cls_attn.dtype, torch.float32)).mean(dim=1))
 
-    def match(self, layer: int, scores: Tensor | None, state: TokenState) -> Plan | None:
+    def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None:
         if scores is None:
             return None
         cfg = self.config
-        return evit_plan(scores, cfg.keep_rate, state.num_protected, cfg.fuse_token, state.valid)
+        return evit_plan(scores.importance, cfg.keep_rate, state.num_protected, cfg.fuse_token, state.valid)
 
     def reduce(self, x: Tensor, plan: Plan, state: TokenState) -> tuple[Tensor, Tensor | None]:
         """Fusing plans (with ``weight``): EViT's weighted sum; pruning plans: the core's."""
