@@ -43,7 +43,10 @@ _BUNDLED: dict[str, dict[str, Any]] = {
         "weights": "fmnist-vit.safetensors",
         "samples": "fmnist-test-2000.safetensors.gz",
         # learned reducer state for this model (tmcore.save files); see the model card
-        "reducers": {"ltmp": ["fmnist-vit-ltmp75.safetensors", "fmnist-vit-ltmp50.safetensors"]},
+        "reducers": {
+            "ltmp": ["fmnist-vit-ltmp75.safetensors", "fmnist-vit-ltmp50.safetensors"],
+            "diffrate": ["fmnist-vit-diffrate.safetensors"],
+        },
     },
 }
 
