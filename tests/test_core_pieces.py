@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import tmcore
 from tmcore import InvalidConfigError, ModelInfo, Plan, ReducerConfig, Runtime, Scores
-from tmcore.config import per_block
+from tmcore.config import blocks_in_range, per_block
 from tmcore.matching import best_partner, bipartite_plan, bipartite_scores, rank_descending
 from tmcore.plan import carry_through, merge_amax, merge_mlerp, merge_tokens, merge_weighted, reduce
 from tmcore.testing import matching_cases, padding_masks
@@ -224,3 +224,9 @@ def test_every_per_block_field_uses_the_one_rule():
     for reducer, config in configs:
         with pytest.raises(InvalidConfigError, match=r"has \d entries for .*; allowed: one value for every"):
             tmcore.apply(tiny_timm_models()["vit"](), reducer, **config)
+
+
+def test_block_lists_are_checked_against_the_depth_by_one_rule():
+    assert blocks_in_range("x", "layers", [0, 3], 4) == [0, 3]
+    with pytest.raises(InvalidConfigError, match=r"'x': layers=\[1, 7\]: block\(s\) \[7\] out of range .* 0 to 3"):
+        blocks_in_range("x", "layers", [1, 7], 4)

@@ -39,6 +39,7 @@ __all__ = [
     "Choice",
     "PerBlock",
     "per_block",
+    "blocks_in_range",
     "Blocks",
     "Rule",
     "Refused",
@@ -272,6 +273,28 @@ def PerBlock(item: Any, per: str = "block") -> Any:
 
 
 _REQUIRED = object()
+
+
+def blocks_in_range(reducer: str, field: str, blocks: list[int], num_layers: int, shown: Any = _REQUIRED) -> list[int]:
+    """A `Blocks` value checked against the model's depth, in ``setup``: the one rule and message
+    of every list of block indices.
+
+    Args:
+        reducer: the reducer's name; field: the config key; blocks: the indices.
+        num_layers: the model's block count.
+        shown: the value as the user gave it, for the message (default: ``blocks``).
+
+    Raises:
+        InvalidConfigError: naming the field, its value, the blocks out of range and the range.
+    """
+    bad = [block for block in blocks if block >= num_layers]
+    if bad:
+        shown = blocks if shown is _REQUIRED else shown
+        raise InvalidConfigError(
+            f"invalid config for reducer {reducer!r}: {field}={show(shown)}: block(s) {bad} out of range for a "
+            f"model with {num_layers} blocks; allowed: 0 to {num_layers - 1}"
+        )
+    return blocks
 
 
 def per_block(

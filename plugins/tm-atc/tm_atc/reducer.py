@@ -25,7 +25,7 @@ from torch import Tensor
 from tm_atc.cluster import Linkage, agglomerate, cluster_plan, cosine_distances, padded_cluster_plan
 from tmcore import BaseReducer, InvalidConfigError, Plan, ReducerConfig, Scores, TokenState
 from tmcore.compiling import per_shape
-from tmcore.config import Blocks, Choice, Number, OptionalBool, Rule, field_type, pair_json, rule_of
+from tmcore.config import Blocks, Choice, Number, OptionalBool, Rule, blocks_in_range, field_type, pair_json, rule_of
 from tmcore.matching import real_tokens
 from tmcore.schedule import PruneSchedule, RSchedule, RValue, parse_r
 
@@ -154,7 +154,7 @@ class ATC(BaseReducer):
         if self.by_rate:
             self.keep_rate = DEFAULT_KEEP_RATE if cfg.keep_rate is None else cfg.keep_rate
             layers = default_layers(info.num_layers) if cfg.layers is None else cfg.layers
-            self._check_layers(layers)
+            blocks_in_range(self.name, "layers", layers, info.num_layers)
             # the i-th reducing block in depth order gets keep_rate ** (i + 1)
             self.index = {layer: i for i, layer in enumerate(sorted(layers))}
             self._check_counts(info.num_tokens - info.num_protected)
@@ -166,14 +166,6 @@ class ATC(BaseReducer):
         # attention is off, so each of its merges is a plain mean; its off-the-shelf patch always
         # merges by size.
         self.equal_weights = self.by_rate and not self.prop_attn
-
-    def _check_layers(self, layers: list[int]) -> None:
-        bad = [layer for layer in layers if layer >= self.info.num_layers]
-        if bad:
-            raise InvalidConfigError(
-                f"invalid config for reducer 'atc': layers={layers!r}: block(s) {bad} out of range for a model "
-                f"with {self.info.num_layers} blocks; allowed: 0 to {self.info.num_layers - 1}"
-            )
 
     def _check_counts(self, tokens: int) -> None:
         """Refuse a keep rate that leaves no cluster at the model's own input size."""

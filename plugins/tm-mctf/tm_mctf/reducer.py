@@ -12,8 +12,7 @@ from torch import Tensor
 
 from tm_mctf.fusion import attraction, bidirectional_plan, merge_count, merged_attention, received_attention
 from tmcore import BaseReducer, LayerInputs, Plan, ReducerConfig, Scores, TokenState
-from tmcore.config import Blocks, Bool, Choice, Integer, Number, Refused, Rule, field_type, rule_of
-from tmcore.errors import InvalidConfigError
+from tmcore.config import Blocks, Bool, Choice, Integer, Number, Refused, Rule, blocks_in_range, field_type, rule_of
 from tmcore.plan import merge_amax, merge_tokens
 
 __all__ = ["MCTF", "MCTFConfig"]
@@ -102,12 +101,7 @@ class MCTF(BaseReducer):
     def setup(self) -> None:
         cfg, info = self.config, self.info
         layers = list(range(1, info.num_layers)) if cfg.layers is None else cfg.layers
-        bad = [layer for layer in layers if layer >= info.num_layers]
-        if bad:
-            raise InvalidConfigError(
-                f"invalid config for reducer 'mctf': layers={cfg.layers!r}: block(s) {bad} out of range for a "
-                f"model with {info.num_layers} blocks; allowed: 0 to {info.num_layers - 1}"
-            )
+        blocks_in_range(self.name, "layers", layers, info.num_layers, cfg.layers)
         self.active = frozenset(layers) if cfg.r else frozenset()
         self.position = "layer" if cfg.one_step_ahead == 0 else "start"
         self.prop_attn = cfg.prop_attn

@@ -25,7 +25,6 @@ from torch import Tensor
 from tmcore import (
     BaseReducer,
     BipartiteSchedule,
-    InvalidConfigError,
     LayerInputs,
     Plan,
     ReducerConfig,
@@ -33,7 +32,7 @@ from tmcore import (
     TokenState,
     bipartite_soft_matching,
 )
-from tmcore.config import Blocks, Bool, Integer, Number, PerBlock, per_block, show
+from tmcore.config import Blocks, Bool, Integer, Number, PerBlock, blocks_in_range, per_block, show
 from tmcore.matching import prune_lowest
 from tmcore.plan import select
 
@@ -136,12 +135,7 @@ class PPT(BaseReducer):
 
     def setup(self) -> None:
         cfg, info = self.config, self.info
-        bad = [layer for layer in cfg.layers if layer >= info.num_layers]
-        if bad:
-            raise InvalidConfigError(
-                f"invalid config for reducer 'ppt': layers={cfg.layers!r}: block(s) {bad} out of range for a "
-                f"model with {info.num_layers} blocks; allowed: 0 to {info.num_layers - 1}"
-            )
+        blocks_in_range(self.name, "layers", cfg.layers, info.num_layers)
         self.prop_attn = cfg.prop_attn
         each = per_block(self.name, "r", cfg.r, len(cfg.layers), "listed block", f"layers={show(cfg.layers)}")
         r_at = dict(zip(cfg.layers, each))

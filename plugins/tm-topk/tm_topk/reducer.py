@@ -39,8 +39,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tmcore import BaseReducer, InvalidConfigError, LayerInputs, Plan, ReducerConfig, Scores, TokenState
-from tmcore.config import Blocks, Bool, Number, show
+from tmcore import BaseReducer, LayerInputs, Plan, ReducerConfig, Scores, TokenState
+from tmcore.config import Blocks, Bool, Number, blocks_in_range
 from tmcore.matching import rank_key, real_tokens
 from tmcore.plan import merge_tokens, pack, reduce, unit_sizes
 
@@ -200,12 +200,7 @@ class TopK(BaseReducer):
     def setup(self) -> None:
         cfg, info = self.config, self.info
         layers = default_layers(info.num_layers) if cfg.layers is None else cfg.layers
-        bad = [layer for layer in layers if layer >= info.num_layers]
-        if bad:
-            raise InvalidConfigError(
-                f"invalid config for reducer 'topk': layers={show(cfg.layers)}: block(s) {bad} out of range for a "
-                f"model with {info.num_layers} blocks; allowed: 0 to {info.num_layers - 1}"
-            )
+        blocks_in_range(self.name, "layers", layers, info.num_layers, cfg.layers)
         self.layers = frozenset(layers) if cfg.keep_rate < 1 else frozenset()
         self.prop_attn = cfg.prop_attn
 
