@@ -144,11 +144,13 @@ class DiffRate(BaseReducer):
     merge_only = False
     description = "DiffRate: class-attention prune + merge with searched per-block counts (Chen et al., ICCV 2023)"
     identity_config = {"schedule": KEEP_ALL}
-    # Sized for the ~64-token test models: prune only, merge only, both, and a searching config.
+    # One count for every block, so they fit any depth (the test matrix's 4-block models and a
+    # 12-block DeiT alike): prune and merge, prune only, merge only (a prune count above the
+    # length clips).
     example_configs = (
-        {"prune": [60, 48, 40, 30], "merge": [52, 40, 30, 20]},
-        {"prune": [64, 50, 50, 40], "merge": [64, 50, 50, 40]},
-        {"prune": 100, "merge": [50, 40, 60, 20]},
+        {"prune": 48, "merge": 40},
+        {"prune": 48, "merge": 48},
+        {"prune": 1000, "merge": 40},
     )
 
     # the search's attention: the official softmax_with_policy (every query keeps its own key)
