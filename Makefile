@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard adapter
 demo: $(STAMP)
 	$(PY) -m tmcore.demo
 
+# Two workers with one torch thread each (conftest.py): the suite's many small tensor ops run
+# faster side by side than in one process whose two threads contend for every op; a file's tests
+# stay on one worker (--dist loadfile), so module fixtures are built once.
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # sdist and wheel of every distribution in this repo into dist/, checked by twine
 dist: $(STAMP)

@@ -227,7 +227,7 @@ def test_a_reducer_missing_part_of_the_contract_is_refused_at_load_naming_it(mem
 def test_a_reducer_with_a_wrong_attribute_type_is_refused():
     bad = type("Bad", (), {**_conforming_members(), "position": "mlp", "example_configs": [{"r": 1}]})
     problems = check_reducer(bad)
-    assert any("`position` must be one of ['attention', 'layer']" in p for p in problems), problems
+    assert any("`position` must be one of ['attention', 'layer', 'start']" in p for p in problems), problems
     assert any("`example_configs` must be a tuple of config dicts" in p for p in problems), problems
 
 

@@ -14,7 +14,9 @@ def test_int_list_and_ramp():
 
 
 def test_list_longer_than_model_is_an_error():
-    with pytest.raises(InvalidConfigError, match="length 3 for a model with 2 blocks"):
+    with pytest.raises(
+        InvalidConfigError, match=r"r=\[1, 2, 3\] has 3 entries for a model with 2 blocks; .*at most 2 entries"
+    ):
         parse_r(2, [1, 2, 3])
 
 

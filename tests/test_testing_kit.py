@@ -47,6 +47,7 @@ BROKEN = """
     import torch
 
     from tm_tome import ToMe
+    from tmcore import Scores
     from tmcore.matching import bipartite_soft_matching
     from tmcore.registry import Registration, registry
     from tmcore.testing import ReducerConformance
@@ -70,8 +71,8 @@ BROKEN = """
     class IgnoresPadding(ToMe):
         name = "ignores_padding"
 
-        def match(self, layer, keys, state):
-            return bipartite_soft_matching(keys, 2, state.num_protected)  # no valid=: pads merge
+        def match(self, layer, scores, state):
+            return bipartite_soft_matching(scores.metric, 2, state.num_protected)  # no valid=: pads merge
 
 
     class DependsOnBatch(ToMe):
@@ -79,7 +80,7 @@ BROKEN = """
 
         def score(self, layer, inputs, state):
             keys = inputs.keys
-            return keys - keys.mean(0)  # every sample's matching sees the others
+            return Scores(metric=keys - keys.mean(0))  # every sample's matching sees the others
 
 
     @pytest.fixture(autouse=True, scope="module")

@@ -29,6 +29,7 @@ images or tokens, no host synchronisation (except `pack`, which must learn ``M``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -313,7 +314,7 @@ def carry_through(t: Tensor, plan: Plan, rule: Literal["sum", "mean", "amax", "f
     Returns:
         ``[B, M, ...]``.
     """
-    flat = t.reshape(t.shape[0], t.shape[1], -1)
+    flat = t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))  # not -1: an empty batch has 0 elements
     if rule == "first":
         out = flat.gather(1, _rows(plan.keep, flat.shape[-1]))
     else:

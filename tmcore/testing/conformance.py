@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 import tmcore
 from tmcore.inputs import padding_mask, split_samples
+from tmcore.reducer import validate_config
 from tmcore.registry import registry, uncompiled
 from tmcore.testing.syncs import count_host_syncs
 
@@ -69,15 +70,28 @@ def _per_sample(count: int | Tensor, batch: int) -> Tensor:
     return torch.full((batch,), count) if isinstance(count, int) else count.cpu()
 
 
-def _skip_unsupported(reducer: str, config: dict[str, Any], model: nn.Module, name: str) -> None:
-    """A reducer that needs a class token must be refused on a model without one (checked
-    here); the test is then skipped."""
+def _refusal(reducer: str, config: dict[str, Any], model: nn.Module) -> str | None:
+    """What a model's adapter must refuse the reducer for (a match for the error message): no
+    class token where the reducer needs one, or a position the adapter does not offer; ``None``
+    where it must run. The position is the instance's (a config may move it)."""
     cls = registry.get_reducer(reducer).obj
-    if cls.requires_class_token and not registry.adapter_for(model).describe(model).class_token:
-        with pytest.raises(tmcore.UnsupportedModelError, match="no class token"):
+    adapter = registry.adapter_for(model)
+    info = adapter.describe(model)
+    if cls.requires_class_token and not info.class_token:
+        return "no class token"
+    position = cls(validate_config(cls, config), info).position
+    return None if position in adapter.positions else f"position {position!r}"
+
+
+def _skip_unsupported(reducer: str, config: dict[str, Any], model: nn.Module, name: str) -> None:
+    """A reducer the model's adapter cannot run (`_refusal`) must be refused (checked here); the
+    test is then skipped."""
+    refusal = _refusal(reducer, config, model)
+    if refusal is not None:
+        with pytest.raises(tmcore.UnsupportedModelError, match=refusal):
             tmcore.apply(model, reducer, **config)
         assert tmcore.get_patch(model) is None
-        pytest.skip(f"{reducer} needs a class token; {name} has none (refusal checked)")
+        pytest.skip(f"{reducer} is refused on {name} ({refusal}; refusal checked)")
 
 
 def _unpatched_or_skip(model: nn.Module, inputs: dict[str, Tensor], what: str) -> Tensor:
@@ -507,9 +521,9 @@ class AdapterConformance:
         for reg in list(registry.reducers.values()):
             cls = reg.obj
             for config in cls.example_configs:
-                info = registry.adapter_for(model).describe(model)
-                if cls.requires_class_token and not info.class_token:
-                    with pytest.raises(tmcore.UnsupportedModelError):
+                refusal = _refusal(reg.name, config, model)
+                if refusal is not None:
+                    with pytest.raises(tmcore.UnsupportedModelError, match=refusal):
                         tmcore.apply(model, reg.name, replace=True, **config)
                     continue
                 tmcore.apply(model, reg.name, replace=True, **config)

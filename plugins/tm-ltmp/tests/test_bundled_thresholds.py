@@ -21,7 +21,8 @@ FILES = models.reducer_files("fmnist-vit", "ltmp")
 def test_the_demo_benchmarks_every_bundled_thresholds_file():
     args = bench_args()
     loaded = [args[i + 1] for i, a in enumerate(args) if a == "--load"]
-    assert loaded == FILES and len(FILES) >= 1 and all(Path(f).is_file() for f in FILES)
+    assert [f for f in loaded if f in FILES] == FILES  # beside other reducers' bundled files
+    assert len(FILES) >= 1 and all(Path(f).is_file() for f in FILES)
 
 
 @pytest.mark.slow

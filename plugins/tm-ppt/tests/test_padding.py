@@ -35,7 +35,7 @@ def _reducer(p: int, layers: int = 1, tokens: int = 24, **config) -> PPT:
 
 def _significance_alone(red: PPT, x: Tensor) -> Tensor:
     state = padded_state(red, x, None)
-    return red.score(0, layer_inputs(red, 0, x, state), state).significance[0]
+    return red.score(0, layer_inputs(red, 0, x, state), state).importance[0]
 
 
 def test_masked_variance_is_the_variance_of_the_real_entries():

@@ -45,7 +45,10 @@ def test_missing_r_and_unknown_key(vit):
 
 
 def test_list_longer_than_the_model(vit):
-    with pytest.raises(InvalidConfigError, match="length 5 for a model with 4 blocks"):
+    with pytest.raises(
+        InvalidConfigError,
+        match=r"invalid config for reducer .tome.: r=\[1, 1, 1, 1, 1\] has 5 entries for a model with 4 blocks",
+    ):
         tmcore.apply(vit, "tome", r=[1, 1, 1, 1, 1])
 
 
