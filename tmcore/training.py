@@ -9,7 +9,20 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["StepProgress", "TrainOnly"]
+__all__ = ["StepProgress", "TrainOnly", "total_steps"]
+
+
+def total_steps(data: Iterable[object], epochs: int, max_steps: int | None = None) -> int | None:
+    """Optimisation steps of ``epochs`` passes over ``data`` (``len(data)`` batches each), at most
+    ``max_steps``; ``None`` when ``data`` has no length and no ``max_steps`` bounds it."""
+    try:
+        per_epoch: int | None = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = None
+    total = per_epoch * epochs if per_epoch is not None else None
+    if max_steps is not None:
+        total = max_steps if total is None else min(total, max_steps)
+    return total
 
 
 class TrainOnly:

@@ -23,7 +23,7 @@ from tm_diffrate.schedules import KEEP_ALL, token_counts
 from tmcore import InvalidConfigError
 from tmcore.bench import flop_model
 from tmcore.flops import BlockFlops
-from tmcore.training import StepProgress, TrainOnly
+from tmcore.training import StepProgress, TrainOnly, total_steps
 
 __all__ = ["search", "SearchHistory", "flops", "get_reducer"]
 
@@ -180,13 +180,7 @@ def search(
     arch = reducer.arch_parameters()
     for p in arch:
         p.data = p.data.to(device)
-    try:
-        per_epoch: int | None = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        per_epoch = None
-    total = per_epoch * epochs if per_epoch is not None else None
-    if max_steps is not None:
-        total = max_steps if total is None else min(total, max_steps)
+    total = total_steps(data, epochs, max_steps)
 
     opt = torch.optim.AdamW(arch, lr=lr, weight_decay=0.0)
     history = SearchHistory()

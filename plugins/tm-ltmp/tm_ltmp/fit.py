@@ -15,7 +15,7 @@ import tmcore
 from tm_ltmp.loss import flops_ratio, loss_parts
 from tm_ltmp.reducer import LTMP
 from tmcore import InvalidConfigError
-from tmcore.training import StepProgress, TrainOnly
+from tmcore.training import StepProgress, TrainOnly, total_steps
 
 __all__ = ["fit", "FitHistory", "thresholds", "get_reducer"]
 
@@ -165,13 +165,7 @@ def fit(
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
 
-    try:
-        per_epoch: int | None = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        per_epoch = None
-    total = per_epoch * epochs if per_epoch is not None else None
-    if max_steps is not None:
-        total = max_steps if total is None else min(total, max_steps)
+    total = total_steps(loader, epochs, max_steps)
     if schedule == "step" and total is None:
         raise InvalidConfigError("fit: schedule='step' needs a loader with len() or max_steps")
 
