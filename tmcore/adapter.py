@@ -190,8 +190,10 @@ class Adapter:
     def patch_model(self, model: nn.Module, patch: Patch) -> None:
         """Patch what follows the blocks (size-weighted pooling, outputs); default: nothing."""
 
-    def flops(self, model: nn.Module) -> BlockFlops:
-        """The model's per-block FLOP model (``tmcore bench`` computes FLOP ratios with it)."""
+    def flops(self, model: nn.Module) -> BlockFlops | None:
+        """The model's per-block FLOP model (``tmcore bench`` computes FLOP ratios with it), or
+        ``None`` where none fits (diffusion models: ``tmcore bench`` then counts one forward with
+        ``torch.utils.flop_counter``)."""
         raise NotImplementedError
 
     # The test kit's view of the family (`tmcore.testing`): tiny models, inputs, a comparable output.
@@ -224,6 +226,11 @@ class Adapter:
         tokens, right padding), or ``None`` for inputs without padding (default)."""
         return None
 
+    def input_grid(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        """The ``(height, width)`` of the finest token grid of a `forward_scope` call's input
+        (block scope: a diffusion model's latent, in tokens), or ``None`` (default)."""
+        return None
+
     def finish_forward(self, module: nn.Module, output: Any, state: TokenState | None) -> None:
         """Called as a `forward_scope` call returns, with the forward's final state (``None`` if no
         block ran): attach what the output should carry (sizes, padding). Default: nothing."""
@@ -246,10 +253,11 @@ class Adapter:
 def _scoped_forward(module: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     patch = bound_patch(module)
     runtime = patch.runtime
-    runtime.begin(patch.adapter.input_padding(module, args, kwargs))
+    adapter = patch.adapter
+    runtime.begin(adapter.input_padding(module, args, kwargs), adapter.input_grid(module, args, kwargs))
     try:
         output = forward(*args, **kwargs)
-        patch.adapter.finish_forward(module, output, runtime.current())
+        adapter.finish_forward(module, output, runtime.current())
         return output
     finally:
         runtime.end()

@@ -103,13 +103,27 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
         )
     adapter = registry.adapter_for(model)
     adapter.check_environment()
+    info = adapter.describe(model)
+    scopes = getattr(reducer_cls, "scopes", frozenset({"model"}))
+    if info.scope not in scopes:
+        others = sorted(n for n, r in registry.reducers.items() if info.scope in getattr(r.obj, "scopes", ()))
+        raise UnsupportedModelError(
+            f"reducer {reducer!r} works in scope {sorted(scopes)}, but this {type(model).__name__} ({info.family}) "
+            f"is reduced in scope {info.scope!r}: "
+            + (
+                "every block merges, computes and unmerges its own tokens (the model needs all of them between "
+                "blocks); "
+                if info.scope == "block"
+                else "tokens stay reduced for the rest of the model; "
+            )
+            + f"reducers for it: {', '.join(others) or 'none installed'}"
+        )
     missing = reducer_cls.requires - adapter.inputs
     if missing:
         raise NoAdapterError(
             f"reducer {reducer!r} needs {sorted(missing)} from each layer, "
             f"which adapter {adapter.name!r} cannot provide"
         )
-    info = adapter.describe(model)
     if reducer_cls.requires_class_token and not info.class_token:
         others = sorted(n for n, r in registry.reducers.items() if not r.obj.requires_class_token)
         raise UnsupportedModelError(

@@ -1,5 +1,7 @@
 """Model inputs as the benchmark and the test kit pass them: one tensor (images, ``model(x)``) or
-keyword tensors (token ids with a right-padded ``attention_mask``, ``model(**inputs)``)."""
+keyword tensors (token ids with a right-padded ``attention_mask``, ``model(**inputs)``; a diffusion
+model's latents, timesteps and conditioning, where a value may also be a dict of them or
+``None``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Inputs", "call", "batch_size", "device_type", "rows", "split_samples", "padding_mask"]
+__all__ = ["Inputs", "call", "batch_size", "device_type", "rows", "moved", "split_samples", "padding_mask"]
 
 Inputs = Tensor | dict[str, Tensor]
 
@@ -27,10 +29,17 @@ def device_type(inputs: Inputs) -> str:
 
 
 def rows(inputs: Inputs, start: int, stop: int) -> Inputs:
-    """Samples ``start:stop`` of a batch."""
+    """Samples ``start:stop`` of a batch (tensors sliced, dicts of them too, anything else kept)."""
     if isinstance(inputs, dict):
-        return {k: v[start:stop] for k, v in inputs.items()}
-    return inputs[start:stop]
+        return {k: rows(v, start, stop) for k, v in inputs.items()}
+    return inputs[start:stop] if isinstance(inputs, Tensor) else inputs
+
+
+def moved(inputs: Inputs, device: Any) -> Inputs:
+    """The inputs on ``device`` (tensors moved, dicts of them too, anything else kept)."""
+    if isinstance(inputs, dict):
+        return {k: moved(v, device) for k, v in inputs.items()}
+    return inputs.to(device) if isinstance(inputs, Tensor) else inputs
 
 
 def padding_mask(inputs: Inputs) -> Tensor | None:
@@ -47,6 +56,9 @@ def split_samples(inputs: Inputs) -> list[Inputs]:
         sample = rows(inputs, i, i + 1)
         if mask is not None and isinstance(sample, dict):
             n = int(mask[i].sum())
-            sample = {k: v[:, :n] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v for k, v in sample.items()}
+            sample = {
+                k: v[:, :n] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == mask.shape[1] else v
+                for k, v in sample.items()
+            }
         out.append(sample)
     return out

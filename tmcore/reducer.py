@@ -26,6 +26,8 @@ __all__ = [
     "check_reducer",
     "validate_config",
     "POSITIONS",
+    "SCOPES",
+    "SUBLAYERS",
 ]
 
 POSITIONS = frozenset({"attention", "layer", "start"})
@@ -35,6 +37,17 @@ after the whole block (PiToMe's Hugging Face CLIP patch), or ``start``, on the b
 before its attention, reading this block's own attention of the unreduced tokens (MCTF's
 one-step-ahead attention; `tmcore.runtime.Runtime.run_block`). Adapters offer positions, the
 reducer's ``position`` picks one."""
+
+SCOPES = frozenset({"model", "block"})
+"""How long a reduction lasts, a property of the model (`ModelInfo.scope`): ``model``, the
+tokens stay reduced for the rest of the model (ViT, BERT, CLIP); ``block``, every block merges
+its tokens, computes, and spreads the result back to all of them (ToMe for Stable Diffusion:
+a UNet's convolutions need the full grid between blocks). A reducer lists the scopes it works
+in (``scopes``, default ``{"model"}``); `tmcore.apply` refuses the others."""
+
+SUBLAYERS = frozenset({"attn", "cross_attn", "mlp"})
+"""The sub-layers of a block-scope block that can run on merged tokens: self-attention, the
+queries of cross-attention, the feed-forward (a reducer's ``sublayers``, default ``{"attn"}``)."""
 
 
 class ModelInfo(BaseModel):
@@ -51,6 +64,12 @@ class ModelInfo(BaseModel):
         pool: how the head pools tokens: ``token``, ``avg``, ``max``, ``avgmax`` or ``""`` (none).
         mae: MAE-style self-supervised weights (ToMe and PiToMe change defaults for them).
         modality: ``vision`` or ``text``.
+        scope: ``model`` (reduced tokens stay reduced for the rest of the model) or ``block``
+            (each block merges, computes and unmerges: diffusion models; `SCOPES`).
+        grid: ``(height, width)`` of the first block's token grid at the model's default input
+            size, row-major, for models whose tokens form one (diffusion latents); ``None``
+            otherwise. Each forward's grid comes from its input
+            (`tmcore.runtime.Runtime.open_block`).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -64,6 +83,8 @@ class ModelInfo(BaseModel):
     pool: str = "token"
     mae: bool = False
     modality: Literal["vision", "text"] = "vision"
+    scope: Literal["model", "block"] = "model"
+    grid: tuple[int, int] | None = None
 
 
 class ReducerConfig(BaseModel):
@@ -117,6 +138,10 @@ class TokenReducer(Protocol):
     ``live_needs() -> tuple[frozenset[str], ...]``: what each block reads in the current inference
     forward when that depends on learned state (a subset of ``needs(layer)`` per block, asked once
     per forward; cache it): `tmcore.runtime.Runtime.block_needs`.
+    ``scopes: frozenset[str]``: the `SCOPES` it works in (default ``{"model"}``); one that lists
+    ``block`` reduces around the sub-layers in ``sublayers`` (`SUBLAYERS`, default ``{"attn"}``)
+    of block-scope models, where every plan must place every token (merge, never drop: each token
+    gets its group's output back), and its ``match`` reads the block's grid in ``state.block``.
 
     Ragged plans (``Plan.valid``, built with `tmcore.plan.pack`) let per-sample token counts
     differ at inference; ``state.valid`` then marks the real tokens of the next layer.
@@ -237,6 +262,12 @@ class BaseReducer:
     """Random by design: draws depend on the config's seed, the block, the token positions and
     ``state.sample_index(x)``, so results are reproducible and a sample draws the same alone as
     in its batch (the conformance suite runs it alone inside ``runtime.numbered_from(i)``)."""
+
+    scopes: ClassVar[frozenset[str]] = frozenset({"model"})
+    """The `SCOPES` it works in: ``model``, and ``block`` for reducers whose plans only merge
+    and make sense on a block's own tokens (diffusion models)."""
+    sublayers: frozenset[str] = frozenset({"attn"})
+    """Block scope: the sub-layers that run on merged tokens (`SUBLAYERS`)."""
 
     prop_attn: bool = False
 

@@ -5,6 +5,7 @@ and neither imports it: plan -> tracing -> state -> reducer -> runtime -> adapte
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import weakref
@@ -20,6 +21,7 @@ from tmcore.plan import (
     Plan,
     carry_through,
     compose_source,
+    destinations,
     identity_source,
     plan_problems,
     plan_value_problems,
@@ -27,11 +29,11 @@ from tmcore.plan import (
     spread,
     unit_sizes,
 )
-from tmcore.reducer import INPUTS, ModelInfo, TokenReducer
-from tmcore.state import Carried, LayerInputs, TokenState
+from tmcore.reducer import INPUTS, SUBLAYERS, ModelInfo, TokenReducer
+from tmcore.state import BlockScope, Carried, LayerInputs, TokenState, log_size_bias
 from tmcore.tracing import Trace
 
-__all__ = ["Runtime", "check_plans", "attention_dtype"]
+__all__ = ["Runtime", "check_plans", "attention_dtype", "block_grid"]
 
 _check_values = os.environ.get("TMCORE_CHECK_PLANS", "") not in ("", "0")
 
@@ -104,6 +106,13 @@ class Runtime:
     adapters then run attention through `TokenState.attn_probs`, and `step` calls ``soft_step``
     (which updates ``state.mask`` / ``state.size`` and removes nothing) instead of
     score / match / reduce.
+
+    Block scope (`tmcore.ModelInfo.scope` ``"block"``: diffusion models, whose convolutions need
+    every spatial token between blocks): an adapter brackets each block with `open_block` /
+    `close_block` and each of its sub-layers with `merge` / `unmerge`: the plan is computed once
+    per block from its input, the sub-layers the reducer names (``sublayers``: ``attn``,
+    ``cross_attn``, ``mlp``) run on the merged tokens, and each output is spread back to every
+    token of its group before the residual add, so the block hands back as many tokens as it got.
     """
 
     def __init__(self, reducer: TokenReducer, info: ModelInfo, full_length: bool = False) -> None:
@@ -116,6 +125,7 @@ class Runtime:
             _checked_needs(reducer, layer) for layer in range(info.num_layers)
         )
         self.live = callable(getattr(reducer, "live_needs", None))
+        self.sublayers: frozenset[str] = _checked_sublayers(reducer) if info.scope == "block" else frozenset()
         self._live_checked: tuple[frozenset[str], ...] | None = None
         self._entered: dict[tuple[Any, ...], tuple[weakref.ref, TokenState]] = {}
         self._local = _Forwards()
@@ -125,10 +135,12 @@ class Runtime:
 
     # -- one forward: its slot on this thread's stack ----------------------------------------------
 
-    def begin(self, valid: Tensor | None = None) -> None:
+    def begin(self, valid: Tensor | None = None, grid: tuple[int, int] | None = None) -> None:
         """A forward of the model starts (its forward pre-hook): open its slot. ``valid`` is the
-        input's ``[B, N]`` padding mask, which block 0 takes (``None``: every token is real)."""
-        self._local.forwards.append(_Forward(valid, began=True))
+        input's ``[B, N]`` padding mask, which block 0 takes (``None``: every token is real);
+        ``grid`` the ``(height, width)`` of the input's finest token grid (block scope: each
+        block's grid follows from it and its token count, `block_grid`)."""
+        self._local.forwards.append(_Forward(valid, began=True, grid=grid))
 
     def end(self) -> None:
         """The forward `begin` opened ends (its forward hook, also when it raised): close its slot."""
@@ -186,6 +198,7 @@ class Runtime:
             trace = local.trace
             state = TokenState(self.info.num_protected, x.shape[1], self.reducer.prop_attn, trace)
             state.first_sample = local.first_sample
+            state.grid = slot.grid
             valid = valid if valid is not None else slot.valid
             if valid is not None:
                 state.valid = _padding_mask(valid, x)
@@ -377,6 +390,121 @@ class Runtime:
             state.captured = {"q": q, "k": k}
         return self.step(layer, x, state, state.attn_bias(attention_dtype(x)), scale)
 
+    # -- block scope: merge -> compute -> unmerge inside each block ------------------------------------
+
+    def open_block(self, layer: int, x: Tensor, training: bool = False) -> TokenState:
+        """Start of block ``layer`` of a block-scope model: ``x`` ``[B, N, C]`` is the block's
+        input (the metric of reducers that read the tokens); its grid comes from the forward's
+        (`begin`) and ``N`` (`block_grid`). The plan is computed at the block's first `merge`."""
+        state = self.enter(layer, x, training)
+        grid = block_grid(state.grid, x.shape[1])
+        state.block = BlockScope(x, None if grid is None else grid[:2], 1 if grid is None else grid[2])
+        return state
+
+    def merge(
+        self,
+        layer: int,
+        sublayer: str,
+        h: Tensor,
+        keys: Callable[[Tensor], Tensor] | None = None,
+        scale: float = 1.0,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The merged input of one sub-layer of an open block (`open_block`).
+
+        Args:
+            layer: the block's index.
+            sublayer: ``attn`` (self-attention), ``cross_attn`` (its queries) or ``mlp``.
+            h: ``[B, N, C]`` the sub-layer's input (normalised, as the block computes it).
+            keys: the block's first sub-layer: ``h -> [B, H, N, d]``, the self-attention's keys
+                of ``h``, for reducers that read ``keys`` (ToMe's metric).
+            scale: the self-attention's logit scale.
+
+        Returns:
+            ``([B, M, C] merged input, [B, 1, 1, M] additive attention bias or None)``: ``h`` and
+            ``None`` where the block or this sub-layer merges nothing; the bias is ``log(size)``
+            for a reducer with proportional attention, on ``attn`` only.
+        """
+        state = self.current()
+        scope = state.block if state is not None else None
+        if scope is None:
+            raise TmcoreError(
+                f"block {layer}'s {sublayer} ran outside its block (the adapter called merge before open_block)"
+            )
+        if not scope.planned:
+            self._plan_block(layer, state, scope, h, keys, scale)
+        plan = scope.plan
+        if plan is None or sublayer not in self.sublayers:
+            return h, None
+        if h.shape[1] != plan.num_in:
+            raise TmcoreError(
+                f"block {layer}'s {sublayer} got {h.shape[1]} tokens, but the block's plan merges {plan.num_in}; "
+                "a sub-layer called on part of the tokens (feed-forward chunking along the tokens) cannot be "
+                "merged: turn chunking off (block.set_chunk_feed_forward(None)) or leave that sub-layer out"
+            )
+        y, size = self.reducer.reduce(h, plan, state)
+        if sublayer != "attn" or not self.reducer.prop_attn or size is None:
+            return y, None
+        return y, log_size_bias(size).to(attention_dtype(y))
+
+    def unmerge(self, layer: int, sublayer: str, y: Tensor) -> Tensor:
+        """One sub-layer's output back on every token of the block: ``[B, M, C]`` -> ``[B, N, C]``,
+        each token gets its group's value (``y`` itself where the sub-layer merged nothing)."""
+        scope = self.current().block
+        if scope.plan is None or sublayer not in self.sublayers:
+            return y
+        return spread(y, scope.destination, pruned=False)
+
+    def _plan_block(
+        self,
+        layer: int,
+        state: TokenState,
+        scope: BlockScope,
+        h: Tensor,
+        keys: Callable[[Tensor], Tensor] | None,
+        scale: float,
+    ) -> None:
+        scope.planned = True
+        needs = self.block_needs(layer, state)
+        captured = {}
+        if "keys" in needs:
+            if keys is None:
+                raise PluginError(
+                    f"reducer {self.reducer.name!r} reads keys in block {layer}, but the adapter gave merge no keys"
+                )
+            captured["k"] = keys(h)
+        with _profiled("tmcore::reduce"):
+            inputs = LayerInputs(captured, None, scale, needs, scope.tokens)
+            plan = self.reducer.match(layer, self.reducer.score(layer, inputs, state), state)
+        x = scope.tokens
+        count = x.shape[1]
+        if plan is not None:
+            self._check_plan(layer, plan, x, state)
+            if plan.keep.shape[1] + plan.src.shape[1] != plan.num_in or plan.valid is not None:
+                raise PluginError(
+                    f"reducer {self.reducer.name!r} returned a plan for block {layer} that does not place every one "
+                    f"of its {plan.num_in} tokens (keep {plan.keep.shape[1]} + src {plan.src.shape[1]}): in block "
+                    "scope every token gets its group's output back, so a plan must merge, not drop or pad"
+                )
+            if _check_values and plan.src.shape[1] and bool((plan.src_dst < 0).any()):
+                raise PluginError(
+                    f"reducer {self.reducer.name!r} returned a plan for block {layer} that drops tokens (Plan.src_dst "
+                    "= -1); in block scope every token gets its group's output back, so a plan must merge"
+                )
+            scope.plan, scope.destination, count = plan, destinations(plan), plan.num_out
+        trace = state.trace
+        if trace is not None:
+            trace.merged_counts.append(count)
+            trace.groups.append(scope.destination)
+
+    def close_block(self, layer: int, x: Tensor, state: TokenState) -> Tensor:
+        """End of block ``layer`` of a block-scope model: returns the block's output ``x``."""
+        scope = state.block
+        if scope is not None and not scope.planned and state.trace is not None:  # no sub-layer merged
+            state.trace.merged_counts.append(x.shape[1])
+            state.trace.groups.append(None)
+        state.block = None
+        return self.exit(layer, x, state)
+
     def step(self, layer: int, x: Tensor, state: TokenState, bias: Tensor | None, scale: float) -> Tensor:
         """Score, match and reduce ``x`` ``[B, N, C]`` at the reducer's position in block ``layer``.
 
@@ -457,11 +585,12 @@ class Runtime:
 class _Forward:
     """One forward's slot: its input padding mask (for block 0) and, from block 0 on, its state."""
 
-    __slots__ = ("valid", "began", "state")
+    __slots__ = ("valid", "began", "grid", "state")
 
-    def __init__(self, valid: Tensor | None, began: bool) -> None:
+    def __init__(self, valid: Tensor | None, began: bool, grid: tuple[int, int] | None = None) -> None:
         self.valid = valid
         self.began = began
+        self.grid = grid
         self.state: TokenState | None = None
 
 
@@ -474,6 +603,26 @@ class _Forwards(threading.local):
         self.trace: Trace | None = None
         self.first_sample = 0
         self.dense = False
+
+
+def block_grid(grid: tuple[int, int] | None, num_tokens: int) -> tuple[int, int, int] | None:
+    """A block's token grid from the model's finest one (ToMe for SD's rule): the block is
+    ``ds = ceil(sqrt(H W // N))`` times coarser, its grid ``ceil(H / ds) x ceil(W / ds)`` (what
+    stride-2 convolutions with padding 1 give).
+
+    Args:
+        grid: ``(H, W)`` the finest token grid of this forward's input, or ``None``.
+        num_tokens: ``N``, the block's tokens.
+
+    Returns:
+        ``(h, w, ds)``, or ``None`` without a grid or where ``h * w != N`` (no grid fits the block).
+    """
+    if grid is None or num_tokens <= 0:
+        return None
+    height, width = grid
+    ds = math.ceil(math.sqrt((height * width) // num_tokens)) if num_tokens <= height * width else 1
+    h, w = math.ceil(height / ds), math.ceil(width / ds)
+    return (h, w, ds) if h * w == num_tokens else None
 
 
 def attention_dtype(x: Tensor) -> torch.dtype:
@@ -511,6 +660,16 @@ def _checked_needs(reducer: TokenReducer, layer: int) -> frozenset[str]:
             f"that `needs` can return (a subset of {sorted(INPUTS)})"
         )
     return needs
+
+
+def _checked_sublayers(reducer: TokenReducer) -> frozenset[str]:
+    sublayers = frozenset(getattr(reducer, "sublayers", frozenset({"attn"})))
+    if not sublayers <= SUBLAYERS:
+        raise PluginError(
+            f"reducer {reducer.name!r} merges around sub-layers {sorted(sublayers - SUBLAYERS)}, which do not exist; "
+            f"`sublayers` must be a subset of {sorted(SUBLAYERS)}"
+        )
+    return sublayers
 
 
 _LEFT_PADDING = (

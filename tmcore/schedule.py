@@ -19,6 +19,7 @@ __all__ = [
     "parse_r",
     "clamped_r",
     "clamped_r_cached",
+    "block_r",
     "token_counts",
 ]
 
@@ -136,6 +137,22 @@ def clamped_r_cached(
         )
         warn_in_forward(message, ScheduleClampWarning)
     return out
+
+
+@per_shape(maxsize=256)
+def block_r(r: int, layer: int, num_tokens: int, num_protected: int = 0, kind: str = "bipartite") -> int:
+    """Block scope (`tmcore.reducer.SCOPES`): block ``layer``'s ``r`` capped at what one block of
+    ``num_tokens`` can remove, with a `ScheduleClampWarning` once per length. Every block starts
+    from its own tokens there, so nothing accumulates from block to block."""
+    limit = _LIMITS[kind][0](num_tokens, num_protected)
+    if r > limit:
+        message = (
+            f"r exceeds {_LIMITS[kind][1]} in block {layer} (r={r}) and was capped"
+            if torch.compiler.is_compiling()  # the traced length would specialise the graph
+            else _capped_message([(layer, r, limit)], num_tokens, num_protected, kind)
+        )
+        warn_in_forward(message, ScheduleClampWarning)
+    return min(r, limit)
 
 
 def token_counts(r_list: list[int] | tuple[int, ...], num_tokens: int) -> list[int]:

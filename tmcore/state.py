@@ -8,14 +8,28 @@ in several threads at once, and a forward inside another gets its own. This modu
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from tmcore.tracing import Trace
 
-__all__ = ["TokenState", "LayerInputs", "INPUTS", "Carried", "CarryRule", "class_logits", "masked_softmax", "MASK_EPS"]
+if TYPE_CHECKING:
+    from tmcore.plan import Plan
+
+__all__ = [
+    "TokenState",
+    "LayerInputs",
+    "BlockScope",
+    "INPUTS",
+    "Carried",
+    "CarryRule",
+    "class_logits",
+    "log_size_bias",
+    "masked_softmax",
+    "MASK_EPS",
+]
 
 CarryRule = Literal["sum", "mean", "amax", "first"]
 
@@ -66,6 +80,33 @@ def masked_softmax(logits: Tensor, mask: Tensor, eps: float = MASK_EPS, self_loo
     return (e + eps / e.shape[-1]) / (e.sum(dim=-1, keepdim=True) + eps)
 
 
+class BlockScope:
+    """One block of a block-scope model (`tmcore.ModelInfo.scope` ``"block"``): the plan is
+    computed once from the block's input and applied around its sub-layers, each of which runs on
+    the merged tokens and hands back all of them (`tmcore.runtime.Runtime.open_block`).
+
+    Attributes:
+        tokens: ``[B, N, C]`` the block's input (the residual stream, before any norm).
+        grid: ``(h, w)`` the block's token grid, row-major (``h * w == N``), or ``None`` where the
+            adapter knows no 2-D layout.
+        downsample: how many times coarser than the model's first grid this block's is (1, 2, 4, 8
+            in a Stable Diffusion UNet; 1 in a diffusion transformer).
+        plan: the block's Plan once computed (``None``: the block merges nothing).
+        destination: ``[B, N]`` long, the merged slot of every token (`tmcore.plan.destinations`).
+        planned: whether the plan has been computed (it is, at the first sub-layer).
+    """
+
+    __slots__ = ("tokens", "grid", "downsample", "plan", "destination", "planned")
+
+    def __init__(self, tokens: Tensor, grid: tuple[int, int] | None, downsample: int) -> None:
+        self.tokens = tokens
+        self.grid = grid
+        self.downsample = downsample
+        self.plan: Plan | None = None
+        self.destination: Tensor | None = None
+        self.planned = False
+
+
 class TokenState:
     """Token bookkeeping for one forward pass.
 
@@ -99,6 +140,10 @@ class TokenState:
             of the unreduced tokens, reduced along both axes); the adapter's attention then uses
             them instead of ``softmax(q k^T)`` (`tmcore.adapter.explicit_attention`). Set during
             one block only; ``None`` otherwise.
+        grid: ``(height, width)`` of the input's finest token grid, as the forward got it
+            (`tmcore.Adapter.input_grid`), or ``None``.
+        block: block scope only: the current block's `BlockScope` (its input, grid and plan);
+            ``None`` in model scope and between blocks.
     """
 
     __slots__ = (
@@ -119,6 +164,8 @@ class TokenState:
         "given_attn",
         "mask_eps",
         "mask_self_loop",
+        "grid",
+        "block",
     )
 
     def __init__(self, num_protected: int, num_input: int, prop_attn: bool, trace: Trace | None) -> None:
@@ -139,6 +186,8 @@ class TokenState:
         self.given_attn: Tensor | None = None
         self.mask_eps = MASK_EPS
         self.mask_self_loop = False
+        self.grid: tuple[int, int] | None = None
+        self.block: BlockScope | None = None
 
     def carry(self, name: str, tensor: Tensor, rule: CarryRule = "sum") -> None:
         """Carry ``tensor`` ``[B, N, ...]`` (one entry per current token) to the next blocks: the
@@ -170,6 +219,7 @@ class TokenState:
             "carried",
             "mask_eps",
             "mask_self_loop",
+            "grid",
         ):
             setattr(new, name, getattr(self, name))
         return new
@@ -183,10 +233,7 @@ class TokenState:
         weighs exactly 0 (its exponent underflows), and a row with no real key at all (a sample
         that is all padding, as bucketing loaders produce) gives a finite softmax instead of NaN,
         as the unpatched models do."""
-        bias = None
-        if self.prop_attn and self.size is not None:
-            # log in float32 at least (half sizes lose integers), in float64 for float64 models
-            bias = self.size.to(torch.promote_types(self.size.dtype, torch.float32)).log().transpose(1, 2).unsqueeze(1)
+        bias = log_size_bias(self.size) if self.prop_attn and self.size is not None else None
         if self.valid is not None:
             invalid = (~self.valid).unsqueeze(1).unsqueeze(1)
             bias = bias if bias is not None else invalid.new_zeros(invalid.shape, dtype=torch.float32)
@@ -208,6 +255,12 @@ class TokenState:
         if self.valid is not None:
             return self.valid.sum(1)
         return x.shape[1] if self.expanded is None else self.expanded
+
+
+def log_size_bias(size: Tensor) -> Tensor:
+    """Proportional attention's additive bias, ``[B, N, 1]`` sizes -> ``[B, 1, 1, N]`` ``log(size)``
+    per key, in float32 at least (half sizes lose integers), float64 for float64 models."""
+    return size.to(torch.promote_types(size.dtype, torch.float32)).log().transpose(1, 2).unsqueeze(1)
 
 
 def class_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:

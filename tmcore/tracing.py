@@ -29,6 +29,12 @@ class Trace:
         masks: soft-mask mode only: the ``[B, N0]`` keep mask after each block, straight-through
             (gradients reach the reducer's learned parameters, e.g. for a FLOPs loss).
         finished: the last forward ran through the last block.
+        merged_counts: block scope only (`tmcore.ModelInfo.scope` ``"block"``, where every block
+            hands back all its tokens): per block, the tokens its merged sub-layers ran on (the
+            block's token count where it merged nothing); empty in model scope.
+        groups: block scope only, while tracing: per block, ``[B, N]`` long, the merged slot of
+            every token of the block (`tmcore.plan.destinations`), ``None`` where it merged
+            nothing; for ``tmcore visualize``.
     """
 
     def __init__(self) -> None:
@@ -41,6 +47,8 @@ class Trace:
         self.source: Tensor | None = None
         self.valid: Tensor | None = None
         self.masks: list[Tensor] = []
+        self.merged_counts: list[int] = []
+        self.groups: list[Tensor | None] = []
         self.finished = False
 
     def finish(self, count: int | Tensor, sizes: Tensor, source: Tensor | None, valid: Tensor | None) -> None:

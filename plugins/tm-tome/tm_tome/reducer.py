@@ -18,7 +18,7 @@ from tmcore import (
     bipartite_soft_matching,
 )
 from tmcore.config import OptionalBool
-from tmcore.schedule import parse_r
+from tmcore.schedule import block_r, parse_r
 
 
 class ToMeConfig(ReducerConfig):
@@ -39,6 +39,10 @@ class ToMe(BaseReducer):
     ``r`` beyond half of a block's unprotected tokens is capped with a `ScheduleClampWarning`.
     On a padded batch each sample merges ``min(r, T_i // 2)`` of its ``T_i`` real unprotected
     tokens, exactly as alone (the cap the schedule applies to a sample of its own length).
+
+    Block scope (diffusion models, `tmcore.reducer.SCOPES`): every block merges ``r`` of its own
+    tokens (capped at half of them) around its self-attention, by the keys of that attention, and
+    spreads the result back; ``r`` does not accumulate from block to block.
     """
 
     name: ClassVar[str] = "tome"
@@ -47,6 +51,7 @@ class ToMe(BaseReducer):
     description = "ToMe: bipartite soft matching on keys, size-weighted merging (Bolya et al., ICLR 2023)"
     identity_config = {"r": 0}
     example_configs = ({"r": 4}, {"r": 8}, {"r": 12})
+    scopes = frozenset({"model", "block"})
 
     config: ToMeConfig
 
@@ -54,15 +59,19 @@ class ToMe(BaseReducer):
         cfg, info = self.config, self.info
         # The original defaults to proportional attention except for off-the-shelf MAE models.
         self.prop_attn = (not info.mae) if cfg.prop_attn is None else cfg.prop_attn
-        self.schedule = BipartiteSchedule(
-            parse_r(info.num_layers, cfg.r, self.name), info.num_tokens, info.num_protected
-        )
+        r_list = parse_r(info.num_layers, cfg.r, self.name)
+        self.r_list = tuple(r_list)
+        block_scope = info.scope == "block"  # every block merges its own tokens: no schedule over blocks
+        self.schedule = None if block_scope else BipartiteSchedule(r_list, info.num_tokens, info.num_protected)
 
     def needs(self, layer: int) -> frozenset[str]:
-        return self.requires if self.schedule.active(layer) else frozenset()
+        return self.requires if self.r_list[layer] > 0 else frozenset()
 
     def match(self, layer: int, scores: Scores | None, state: TokenState) -> Plan | None:
-        r = self.schedule(state.num_input)[layer]
+        if self.schedule is None:  # block scope: this block's own tokens
+            r = 0 if scores is None else block_r(self.r_list[layer], layer, scores.metric.shape[1], state.num_protected)
+        else:
+            r = self.schedule(state.num_input)[layer]
         if r == 0 or scores is None:
             return None
         return bipartite_soft_matching(scores.metric, r, state.num_protected, valid=state.valid)
