@@ -278,17 +278,18 @@ def test_bench_loads_a_saved_reducer_file(tmp_path, capsys):
 
 
 def test_without_timm_or_transformers_the_adapters_load_inactive():
-    """``pip install tmcore`` brings both adapters; without their frameworks they load, import
-    neither framework, and ``tmcore plugins`` says they are inactive."""
+    """``pip install tmcore`` brings the three adapters; without their frameworks they load, import
+    no framework, and ``tmcore plugins`` says they are inactive."""
     script = (
         "import importlib.util, sys, warnings\n"
-        "sys.modules['timm'] = None; sys.modules['transformers'] = None  # as if not installed\n"
+        "libs = ('timm', 'transformers', 'diffusers')\n"
+        "for lib in libs: sys.modules[lib] = None  # as if not installed\n"
         "real = importlib.util.find_spec\n"
-        "importlib.util.find_spec = lambda n, *a: None if n in ('timm', 'transformers') else real(n, *a)\n"
+        "importlib.util.find_spec = lambda n, *a: None if n in libs else real(n, *a)\n"
         "warnings.simplefilter('error')\n"
         "import tmcore\n"
         "from tmcore.cli import main\n"
-        "assert sorted(tmcore.adapters()) == ['timm', 'transformers'], tmcore.adapters()\n"
+        "assert sorted(tmcore.adapters()) == ['diffusers', 'timm', 'transformers'], tmcore.adapters()\n"
         "main(['plugins', '--json'])\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
@@ -297,4 +298,5 @@ def test_without_timm_or_transformers_the_adapters_load_inactive():
     rows = {p["distribution"]: p for p in json.loads(result.stdout)}
     assert rows["tm-timm"]["status"] == "inactive: timm not installed"
     assert rows["tm-transformers"]["status"] == "inactive: transformers not installed"
+    assert rows["tm-diffusers"]["status"] == "inactive: diffusers not installed"
     assert rows["tm-tome"]["status"] == "ok"

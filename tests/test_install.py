@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DISTS = (".", "adapters/tm-timm", "adapters/tm-transformers", "plugins/tm-pitome", "plugins/tm-ltmp")
+DISTS = (
+    ".",
+    "adapters/tm-timm",
+    "adapters/tm-transformers",
+    "adapters/tm-diffusers",
+    "plugins/tm-pitome",
+    "plugins/tm-ltmp",
+)
 # left out of the copies that are built: setuptools' and pip's leftovers, caches, environments
 NEVER_COPIED = shutil.ignore_patterns(
     ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*cache", ".hypothesis"
@@ -91,26 +98,27 @@ def test_pip_install_tmcore_tm_pitome_tm_ltmp_in_a_fresh_environment(tmp_path):
         )
     assert _build_outputs() == builds_before, "building wrote into the checkout"
     files = {p.name.split("-")[0].replace("_", "-"): p for p in wheels.glob("*.whl")}
-    assert set(files) == {"tmcore", "tm-timm", "tm-transformers", "tm-pitome", "tm-ltmp"}, files
+    assert set(files) == {"tmcore", "tm-timm", "tm-transformers", "tm-diffusers", "tm-pitome", "tm-ltmp"}, files
     env = tmp_path / "env"
     _run([sys.executable, "-m", "venv", env], tmp_path)
     py = env / "bin" / "python"
     # our distributions from these wheel files only; torch, timm and the rest as the dev constraints pin them
     pip = [py, "-m", "pip", "install", "-q", "-c", REPO / "constraints-dev.txt"]
-    core = [f"tmcore[cli] @ {files['tmcore'].as_uri()}", files["tm-timm"], files["tm-transformers"]]
+    adapters = [files["tm-timm"], files["tm-transformers"], files["tm-diffusers"]]
+    core = [f"tmcore[cli] @ {files['tmcore'].as_uri()}", *adapters]
     _run([*pip, *core], tmp_path, timeout=900)
-    # `pip install tmcore` alone: both adapters, neither framework, both shown inactive
+    # `pip install tmcore` alone: the three adapters, no framework, each shown inactive
     installed = _run([py, "-m", "pip", "list", "--format=freeze"], tmp_path).lower()
-    assert "tm-timm==0.1.0" in installed and "tm-transformers==0.1.0" in installed, installed
-    assert "\ntimm==" not in installed and "\ntransformers==" not in installed, installed
+    assert all(f"tm-{a}==0.1.0" in installed for a in ("timm", "transformers", "diffusers")), installed
+    assert all(f"\n{lib}==" not in installed for lib in ("timm", "transformers", "diffusers")), installed
     alone = {p["distribution"]: p for p in json.loads(_run([env / "bin" / "tmcore", "plugins", "--json"], tmp_path))}
-    assert alone["tm-timm"]["status"] == "inactive: timm not installed", alone
-    assert alone["tm-transformers"]["status"] == "inactive: transformers not installed", alone
+    for lib in ("timm", "transformers", "diffusers"):
+        assert alone[f"tm-{lib}"]["status"] == f"inactive: {lib} not installed", alone
     _run([*pip, files["tm-pitome"], files["tm-ltmp"], "timm"], tmp_path, timeout=900)
     assert "one line ok" in _run([py, "-c", ONE_LINE.replace("{repo}", str(REPO))], tmp_path)
     plugins = _run([env / "bin" / "tmcore", "plugins", "--json"], tmp_path)
     rows = {p["distribution"]: p for p in json.loads(plugins)}
-    assert set(rows) == {"tm-timm", "tm-transformers", "tm-pitome", "tm-ltmp"}, rows
+    assert set(rows) == {"tm-timm", "tm-transformers", "tm-diffusers", "tm-pitome", "tm-ltmp"}, rows
     assert (
         rows["tm-timm"]["status"] == "ok"
         and rows["tm-transformers"]["status"] == "inactive: transformers not installed"

@@ -30,12 +30,14 @@ __all__ = [
     "sample_counts",
     "top1_and_flop_ratio",
     "variants",
+    "shared_copy",
     "compiled",
     "COMPILE_MODES",
     "compile_cache",
     "compare",
     "reduction_share",
     "peak_memory_mb",
+    "counted_macs",
     "fidelity",
     "write_csv",
     "plot",
@@ -94,6 +96,9 @@ class BenchRow:
     top1: float | None = None
     agreement: float | None = None
     cosine: float | None = None
+    rel_error: float | None = None
+    """Outputs that are no prediction (a diffusion model's noise): ``||y - y0|| / ||y0||`` per
+    sample against the unreduced model, averaged."""
     compiled: bool = False
     """Timed under ``torch.compile`` (`compiled`); ``speedup`` is then over the compiled
     unreduced model."""
@@ -161,6 +166,26 @@ def _mean(count: torch.Tensor) -> float:
     return int(value) if bool((count == count[0]).all()) else round(value, 1)
 
 
+def counted_macs(model: nn.Module, inputs: Inputs) -> float:
+    """Multiply-accumulates of one forward on ``inputs``, per sample, as
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them (attention on the math backend, which
+    it can count): for models whose adapter has no FLOP model (diffusion models, whose cost is
+    mostly convolutions and grows with the conditioning's length)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        call(model, inputs)
+    return counter.get_total_flops() / 2 / batch_size(inputs)
+
+
+def _block_counts(model: nn.Module, x: Inputs) -> list[float]:
+    """Block scope: the tokens each block's merged sub-layers ran on (`tmcore.Trace.merged_counts`)."""
+    with tmcore.trace(model) as t, torch.inference_mode():
+        call(model, x)
+    return [float(c) for c in t.merged_counts]
+
+
 def flop_blocks(model: nn.Module) -> Sequence[nn.Module]:
     from tmcore.registry import registry
 
@@ -177,8 +202,15 @@ def variants(model: nn.Module, settings: Sequence[Setting]) -> list[tuple[Settin
     """The unreduced ``model`` and, per setting, a patched deep copy of it (same weights)."""
     out: list[tuple[Setting, nn.Module]] = [(Setting(None), model)]
     for s in settings:
-        out.append((s, s.apply(copy.deepcopy(model))))
+        out.append((s, s.apply(shared_copy(model))))
     return out
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``'s modules that shares its parameters and buffers: patches change
+    modules, never weights, so every variant of a 3.4 GB UNet costs no second 3.4 GB."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -233,7 +265,6 @@ def compare(
     """
     from tmcore.registry import uncompiled
 
-    model = uncompiled(models[0][1])
     device = device_type(inputs)
     batch = batch_size(inputs)
     singles = split_samples(inputs)
@@ -280,21 +311,13 @@ def compare(
                 if progress:
                     progress(i * len(models) + j + 1, total)
 
-    flops = flop_model(model)
-    counts_of = [None if s.reducer is None else _counts(uncompiled(m), inputs) for s, m in models]
-    reduced = [c for c in counts_of if c is not None]
-    # unreduced: every sample's own (real) token count through every block
-    n0 = reduced[0][0] if reduced else torch.full((batch,), float(_unreduced_tokens(model)))
-    n_blocks = len(reduced[0]) - 1 if reduced else len(flop_blocks(model))
-    all_counts = [[n0] * (n_blocks + 1) if c is None else c for c in counts_of]
+    costs = _costs(models, inputs)
     rows: list[BenchRow] = []
-    for j, ((s, m), per_sample) in enumerate(zip(models, all_counts)):
+    for j, ((s, m), (macs, counts)) in enumerate(zip(models, costs)):
         med = statistics.median(times[0][j])
         single = batch / statistics.median(times[1][j]) if one_at_a_time else None
         with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             peak = peak_memory_mb(m, inputs)
-        macs = float(flops.macs(per_sample).mean())  # per-sample counts: mean over the batch
-        counts = [_mean(c) for c in per_sample]
         rows.append(
             BenchRow(
                 reducer=s.reducer or "none",
@@ -320,6 +343,35 @@ def compare(
         row.speedup = row.images_per_s / base.images_per_s
         row.flop_ratio = rows[0].gmacs / row.gmacs
     return rows
+
+
+def _costs(models: Sequence[tuple[Setting, nn.Module]], inputs: Inputs) -> list[tuple[float, list[float]]]:
+    """Per variant, ``(MACs per sample, token counts)``, from the uncompiled modules (a trace
+    compiles another graph): the adapter's FLOP model on traced counts (tokens entering each
+    block, then leaving the last, means over the batch), or where it has none (diffusion models),
+    MACs counted on one forward (`counted_macs`) and block scope's tokens per block (the
+    unreduced model: its first block's)."""
+    from tmcore.registry import uncompiled
+
+    model = uncompiled(models[0][1])
+    batch = batch_size(inputs)
+    flops = flop_model(model)
+    if flops is None:
+        return [
+            (
+                counted_macs(uncompiled(m), inputs),
+                [float(_unreduced_tokens(model))] if s.reducer is None else _block_counts(uncompiled(m), inputs),
+            )
+            for s, m in models
+        ]
+    counts_of = [None if s.reducer is None else _counts(uncompiled(m), inputs) for s, m in models]
+    reduced = [c for c in counts_of if c is not None]
+    # unreduced: every sample's own (real) token count through every block
+    n0 = reduced[0][0] if reduced else torch.full((batch,), float(_unreduced_tokens(model)))
+    n_blocks = len(reduced[0]) - 1 if reduced else len(flop_blocks(model))
+    all_counts = [[n0] * (n_blocks + 1) if c is None else c for c in counts_of]
+    # per-sample counts: MACs are the mean over the batch
+    return [(float(flops.macs(per_sample).mean()), [_mean(c) for c in per_sample]) for per_sample in all_counts]
 
 
 def peak_memory_mb(model: nn.Module, inputs: Inputs) -> float:
@@ -358,7 +410,9 @@ def fidelity(
     """Accuracy cost of each model: ``top1`` against ``labels`` when given, else ``agreement``
     (same argmax) and ``cosine`` (mean cosine of outputs) with ``models[0]``, the unreduced one.
     Outputs are what the adapter compares (`tmcore.Adapter.output_tensor`): logits, or for a bare
-    text encoder its size-weighted mean-pooled embedding."""
+    text encoder its size-weighted mean-pooled embedding. Outputs that are no prediction (a
+    diffusion model's ``[B, C, H, W]`` noise) give ``cosine`` over each whole sample and
+    ``rel_error``, ``||y - y0|| / ||y0||``, instead of an agreement."""
     from tmcore.inputs import batch_size as count
     from tmcore.registry import registry
 
@@ -377,6 +431,15 @@ def fidelity(
     if labels is not None:
         return [{"top1": (o.argmax(-1) == labels).float().mean().item()} for o in outputs]
     ref = outputs[0]
+    if ref.dim() > 2:
+        flat = ref.flatten(1)
+        return [
+            {
+                "cosine": torch.nn.functional.cosine_similarity(o.flatten(1), flat, dim=-1).mean().item(),
+                "rel_error": ((o.flatten(1) - flat).norm(dim=-1) / flat.norm(dim=-1)).mean().item(),
+            }
+            for o in outputs
+        ]
     return [
         {
             "agreement": (o.argmax(-1) == ref.argmax(-1)).float().mean().item(),
@@ -399,6 +462,7 @@ _COLUMNS = (
     "top1",
     "agreement",
     "cosine",
+    "rel_error",
     "ms_per_batch",
     "single_images_per_s",
 )

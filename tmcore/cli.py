@@ -325,13 +325,15 @@ def _load_setting(path: str) -> Any:
 
 
 def load_model(spec: str, pretrained: bool = False, checkpoint: str | None = None) -> Any:
-    """A bundled model name, ``timm:NAME`` (``--checkpoint`` for local weights), or a local
-    transformers directory."""
+    """A bundled model name, ``timm:NAME`` (``--checkpoint`` for local weights), a local
+    transformers directory, or ``diffusers:PATH`` / ``diffusers:NAME``."""
     from tmcore import models
 
     if spec in models.available():
         return models.load(spec)
     kind, sep, name = spec.partition(":")
+    if sep and kind == "diffusers":
+        return _load_diffusers(spec, name)
     if sep and kind == "timm" and name:
         try:
             import timm
@@ -347,8 +349,78 @@ def load_model(spec: str, pretrained: bool = False, checkpoint: str | None = Non
         raise CliError(f"--model {spec!r}: {name!r} is not a directory with a config.json (save_pretrained output)")
     raise CliError(
         f"--model {spec!r}: expected a bundled model ({', '.join(models.available())}), timm:NAME, "
-        f"or hf:PATH (a local transformers model directory)"
+        f"hf:PATH (a local transformers model directory), or diffusers:PATH (a local diffusers model or pipeline)"
     )
+
+
+_DIFFUSION_CLASSES = (
+    "UNet2DConditionModel",
+    "DiTTransformer2DModel",
+    "PixArtTransformer2DModel",
+    "Transformer2DModel",
+    "SD3Transformer2DModel",
+)
+
+
+def diffusers_configs() -> dict[str, Path]:
+    """The model layouts tm-diffusers ships for ``--model diffusers:NAME`` (random weights)."""
+    try:
+        import tm_diffusers
+    except ImportError:
+        return {}
+    return {p.stem: p for p in sorted((Path(tm_diffusers.__file__).parent / "configs").glob("*.json"))}
+
+
+def _load_diffusers(spec: str, name: str) -> Any:
+    """``diffusers:PATH``: a model folder (``config.json`` and, for trained weights, its
+    safetensors), a pipeline folder (``model_index.json``: its ``unet`` or ``transformer``), or a
+    layout tm-diffusers ships (``sd15-unet``, ``dit-xl-2-256``), built with random weights where the
+    folder holds none. Only diffusers' own classes load: no code from the folder runs."""
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise CliError(f"--model {spec!r}: diffusers is not installed (pip install 'tmcore[diffusers]')") from exc
+    shipped = diffusers_configs()
+    path = shipped.get(name, Path(name))
+    if path.is_dir() and (path / "model_index.json").exists():
+        part = next((path / sub for sub in ("unet", "transformer") if (path / sub / "config.json").exists()), None)
+        if part is None:
+            raise CliError(f"--model {spec!r}: the pipeline in {str(path)!r} has no unet/ or transformer/ folder")
+        path = part
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise CliError(
+            f"--model {spec!r}: {name!r} is neither a diffusers model or pipeline folder nor one of the shipped "
+            f"layouts ({', '.join(shipped) or 'tm-diffusers is not installed'})"
+        )
+    config = _json_object(config_file, spec)
+    cls_name = config.get("_class_name")
+    if cls_name not in _DIFFUSION_CLASSES:
+        raise CliError(
+            f"--model {spec!r}: {config_file.name} names class {cls_name!r}; allowed: {', '.join(_DIFFUSION_CLASSES)}"
+        )
+    cls = getattr(diffusers, cls_name)
+    weights = path.is_dir() and any(path.glob("diffusion_pytorch_model*.safetensors"))
+    try:
+        if weights:
+            model = cls.from_pretrained(path, local_files_only=True)
+        else:
+            model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    except Exception as exc:  # diffusers raises many kinds; the user needs the one line
+        raise CliError(f"--model {spec!r}: diffusers could not build it ({_one_line(exc)})") from None
+    model.tmcore_weights = "local weights" if weights else "random-init"
+    return model.eval()
+
+
+def _json_object(file: Path, spec: str) -> dict[str, Any]:
+    """The JSON object in a model folder's ``file``, or a `CliError` naming ``--model spec``."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CliError(f"--model {spec!r}: cannot read {file.name} ({_one_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise CliError(f"--model {spec!r}: {file.name} holds a JSON {type(config).__name__}; allowed: an object")
+    return config
 
 
 def _create_timm(timm: Any, name: str, pretrained: bool, checkpoint: str | None) -> Any:
@@ -403,12 +475,7 @@ def _refuse_custom_code(path: Path, name: str) -> None:
     file = path / name
     if not file.exists():
         return  # transformers reports a missing config.json; a tokenizer file is optional
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CliError(f"--model {str(path)!r}: cannot read {name} ({_one_line(exc)})") from None
-    if not isinstance(config, dict):
-        raise CliError(f"--model {str(path)!r}: {name} holds a JSON {type(config).__name__}; allowed: an object")
+    config = _json_object(file, str(path))
     never = "tmcore never runs code from a model folder"
     if "auto_map" in config:
         raise CliError(f"--model {str(path)!r}: {name} maps classes to the folder's own code (auto_map); {never}")
@@ -609,6 +676,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.model in models.available():
         weights = "bundled"
+    elif hasattr(model, "tmcore_weights"):
+        weights = model.tmcore_weights
     elif not args.model.startswith("timm:"):
         weights = "local weights"
     else:
@@ -620,14 +689,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     # agreement of argmax is a prediction metric: only for models with a head
     head = labels is None and _has_head(model, inputs)
-    fid_cols = ["top-1"] if labels is not None else (["agreement", "cosine"] if head else ["cosine"])
+    noise = rows[0].rel_error is not None  # a diffusion model's output: no prediction to agree on
+    fid_cols = (
+        ["top-1"]
+        if labels is not None
+        else (["agreement", "cosine"] if head else ["cosine", "rel. error"] if noise else ["cosine"])
+    )
     unit = "sentences/s" if isinstance(inputs, dict) and "input_ids" in inputs else "images/s"
     table = []
     for row in rows:
         fid_vals = (
             [f"{100 * row.top1:.2f}%"]
             if labels is not None
-            else ([f"{100 * row.agreement:.1f}%"] if head else []) + [f"{row.cosine:.4f}"]
+            else ([f"{100 * row.agreement:.1f}%"] if head else [])
+            + [f"{row.cosine:.4f}"]
+            + ([f"{row.rel_error:.4f}"] if noise and not head else [])
         )
         single = (
             [f"{row.single_images_per_s:.1f}", f"{row.images_per_s / row.single_images_per_s:.2f}x"]
@@ -637,7 +713,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         table.append(
             [
                 row.label + (" [compiled]" if row.compiled else ""),
-                f"{row.images_per_s:.1f}",
+                f"{row.images_per_s:.{1 if row.images_per_s >= 10 else 3}f}",
                 f"{row.speedup:.2f}x",
                 f"{row.gmacs:.2f}",
                 f"{row.flop_ratio:.2f}x",
@@ -662,7 +738,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             "speed-up",
             "GMACs",
             "FLOP ratio",
-            "tokens out",
+            "tokens (finest block)" if noise else "tokens out",
             "peak MiB",
             *fid_cols,
             *single_cols,
@@ -849,7 +925,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="bundled model name, timm:NAME, or hf:PATH, a local transformers directory (default: %(default)s)",
+        help="bundled model name, timm:NAME, hf:PATH (a local transformers directory), or diffusers:PATH (a local "
+        "diffusers model or pipeline folder, or a shipped layout: sd15-unet, dit-xl-2-256) (default: %(default)s)",
     )
     p.add_argument("--pretrained", action="store_true", help="timm: download pretrained weights (needs the hub)")
     p.add_argument("--checkpoint", metavar="PATH", type=_input_file, help="timm: load weights from a local file")

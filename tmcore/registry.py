@@ -44,10 +44,15 @@ KNOWN_REDUCERS = {
     "ppt": "tm-ppt",
     "random": "tm-random",
     "topk": "tm-topk",
+    "tofu": "tm-tofu",
+    "mctf": "tm-mctf",
+    "diffrate": "tm-diffrate",
+    "atc": "tm-atc",
+    "tomesd": "tm-tomesd",
 }
 """The project's own reducers and the distribution to ``pip install`` for each."""
 
-KNOWN_ADAPTERS = {"timm": "tm-timm", "transformers": "tm-transformers"}
+KNOWN_ADAPTERS = {"timm": "tm-timm", "transformers": "tm-transformers", "diffusers": "tm-diffusers"}
 """The backbone library a model class comes from (its top-level module) -> the project's adapter
 distribution for it (installed with tmcore; ``tmcore[timm]`` / ``tmcore[transformers]`` add the
 library itself)."""
