@@ -134,6 +134,11 @@ def _build(model: nn.Module, reducer: str, config: dict[str, Any], replace: bool
     if not isinstance(full_length, bool):
         raise InvalidConfigError(f"full_length={full_length!r}: allowed: True or False")
     instance = reducer_cls(cfg, info)
+    if instance.prop_attn and not info.size_bias:
+        raise UnsupportedModelError(
+            f"reducer {reducer!r} asks for proportional attention (prop_attn), but the attention of this "
+            f"{type(model).__name__} ({info.family}) takes no additive mask to carry log(size); pass prop_attn=False"
+        )
     position = instance.position
     if position not in adapter.positions:
         raise UnsupportedModelError(

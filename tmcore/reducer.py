@@ -70,6 +70,10 @@ class ModelInfo(BaseModel):
             size, row-major, for models whose tokens form one (diffusion latents); ``None``
             otherwise. Each forward's grid comes from its input
             (`tmcore.runtime.Runtime.open_block`).
+        size_bias: the adapter can add ``log(size)`` to every block's attention logits
+            (proportional attention); ``False`` where the backbone's attention takes no mask
+            (SD3's joint attention): reducers then default to no proportional attention, and
+            `tmcore.apply` refuses one that asks for it.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -85,6 +89,7 @@ class ModelInfo(BaseModel):
     modality: Literal["vision", "text"] = "vision"
     scope: Literal["model", "block"] = "model"
     grid: tuple[int, int] | None = None
+    size_bias: bool = True
 
 
 class ReducerConfig(BaseModel):

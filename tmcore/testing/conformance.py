@@ -93,7 +93,12 @@ def _skip_unsupported(reducer: str, config: dict[str, Any], model: nn.Module, na
         with pytest.raises(tmcore.UnsupportedModelError, match=refusal):
             tmcore.apply(model, reducer, **config)
         assert tmcore.get_patch(model) is None
-        pytest.skip(f"{reducer} is refused on {name} ({refusal}; refusal checked)")
+        _REFUSED[(reducer, name)] = f"{reducer} is refused on {name} ({refusal}; refusal checked)"
+        pytest.skip(_REFUSED[(reducer, name)])
+
+
+_REFUSED: dict[tuple[str, str], str] = {}
+"""``(reducer, tiny model name)`` -> why the reducer was refused there (checked once per process)."""
 
 
 def _block_scope(model: nn.Module) -> bool:
@@ -201,6 +206,9 @@ class ReducerConformance:
 
     @pytest.fixture(params=sorted(tiny_models()))
     def model(self, request: pytest.FixtureRequest) -> nn.Module:
+        key = (self.reducer, request.param)
+        if key in _REFUSED:  # checked once per reducer and model: the rest of its tests skip at once
+            pytest.skip(_REFUSED[key])
         model = tiny_models()[request.param]()
         _skip_unsupported(self.reducer, self._configs()[0], model, request.param)
         return model

@@ -70,7 +70,7 @@ def test_attention_stays_fused_on_the_merged_tokens(name, monkeypatch):
     run(model, x)
     assert len(lengths) == len(plain)
     assert sum(lengths) < sum(plain)
-    assert 32 in lengths or 32 + 5 in lengths  # 64 tokens merged to 32 (+ 5 text tokens in SD3's joint attention)
+    assert 32 in lengths or 32 + 77 in lengths  # 64 tokens merged to 32 (+ 77 text tokens in SD3's joint attention)
 
 
 def test_tome_in_block_scope_reads_the_keys_and_adds_log_size():
@@ -140,3 +140,15 @@ def test_every_other_reducer_is_refused_by_scope():
         if name in tmcore.reducers():
             with pytest.raises(tmcore.UnsupportedModelError, match=r"reducers for it: .*tome.*tomesd"):
                 tmcore.apply(dit, name, **tmcore.reducers()[name].obj.example_configs[0])
+
+
+def test_sd3_joint_attention_takes_no_size_bias():
+    """SD3's joint attention processor ignores attention masks: ToMe runs there without
+    proportional attention by default, and asking for it is refused, not silently dropped."""
+    sd3 = tiny("sd3")
+    assert not ADAPTER.describe(sd3).size_bias and ADAPTER.describe(tiny("dit")).size_bias
+    with pytest.raises(tmcore.UnsupportedModelError, match="prop_attn=False"):
+        tmcore.apply(sd3, "tome", r=8, prop_attn=True)
+    tmcore.apply(sd3, "tome", r=8)
+    assert not tmcore.get_patch(sd3).reducer.prop_attn
+    assert torch.isfinite(run(sd3, ADAPTER.example_inputs(sd3))).all()

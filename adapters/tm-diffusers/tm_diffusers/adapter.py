@@ -152,6 +152,7 @@ class Diffusers(Adapter):
             pool="",
             scope="block",
             grid=grid,
+            size_bias=type(blocks[0]).__name__ != "JointTransformerBlock",  # its processor ignores masks
         )
 
     def check(self, model: nn.Module) -> None:

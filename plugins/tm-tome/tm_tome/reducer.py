@@ -58,7 +58,8 @@ class ToMe(BaseReducer):
     def setup(self) -> None:
         cfg, info = self.config, self.info
         # The original defaults to proportional attention except for off-the-shelf MAE models.
-        self.prop_attn = (not info.mae) if cfg.prop_attn is None else cfg.prop_attn
+        # (and where the adapter cannot feed log(size) to attention: SD3's joint attention)
+        self.prop_attn = (not info.mae and info.size_bias) if cfg.prop_attn is None else cfg.prop_attn
         r_list = parse_r(info.num_layers, cfg.r, self.name)
         self.r_list = tuple(r_list)
         block_scope = info.scope == "block"  # every block merges its own tokens: no schedule over blocks
