@@ -203,9 +203,12 @@ class ReducerConformance:
     reducer: str = ""
     configs: tuple[dict[str, Any], ...] | None = None  # default: the reducer's example_configs
     merge_only: bool | None = None  # default: the reducer's; set it where these configs differ
+    skip_adapters: frozenset[str] = frozenset()  # tiny models of these adapters are covered elsewhere
 
     @pytest.fixture(params=sorted(tiny_models()))
     def model(self, request: pytest.FixtureRequest) -> nn.Module:
+        if request.param.split(":")[0] in self.skip_adapters:
+            pytest.skip(f"{self.reducer} on {request.param}: run by the reducer's own conformance tests")
         key = (self.reducer, request.param)
         if key in _REFUSED:  # checked once per reducer and model: the rest of its tests skip at once
             pytest.skip(_REFUSED[key])
