@@ -65,7 +65,7 @@ def test_pipeline_equals_tomesd_and_remove_restores():
     tmcore.apply(pipe.unet, "tomesd", ratio=0.5)
     with tmcore.trace(pipe.unet) as t:
         ours = sample(pipe)
-    assert torch.equal(ours, expected)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)  # bit for bit here (another CPU may round apart)
     assert not torch.equal(ours, ref)
     assert t.merged_counts[0] == 32  # the last UNet call of the run: 64 tokens merged to 32
     tmcore.remove(pipe.unet)

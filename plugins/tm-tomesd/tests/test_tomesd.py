@@ -69,8 +69,8 @@ def test_equals_tomesd_bit_for_bit(unet):
             torch.manual_seed(3)
             with torch.no_grad():  # tomesd's pre-hook reads the latent from the positional argument
                 outs.append([model(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample for _ in range(3)])
-        for a, b in zip(*outs):
-            assert torch.equal(a, b), config
+        for a, b in zip(*outs):  # bit for bit here; another CPU may round the two codes' sums apart
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=lambda m, c=config: f"{c}: {m}")
 
 
 def test_ratio_zero_is_the_identity_bit_for_bit(unet):
