@@ -353,15 +353,6 @@ def load_model(spec: str, pretrained: bool = False, checkpoint: str | None = Non
     )
 
 
-_DIFFUSION_CLASSES = (
-    "UNet2DConditionModel",
-    "DiTTransformer2DModel",
-    "PixArtTransformer2DModel",
-    "Transformer2DModel",
-    "SD3Transformer2DModel",
-)
-
-
 def diffusers_configs() -> dict[str, Path]:
     """The model layouts tm-diffusers ships for ``--model diffusers:NAME`` (random weights)."""
     try:
@@ -380,6 +371,8 @@ def _load_diffusers(spec: str, name: str) -> Any:
         import diffusers
     except ImportError as exc:
         raise CliError(f"--model {spec!r}: diffusers is not installed (pip install 'tmcore[diffusers]')") from exc
+    import tmcore
+
     shipped = diffusers_configs()
     path = shipped.get(name, Path(name))
     if path.is_dir() and (path / "model_index.json").exists():
@@ -395,10 +388,9 @@ def _load_diffusers(spec: str, name: str) -> Any:
         )
     config = _json_object(config_file, spec)
     cls_name = config.get("_class_name")
-    if cls_name not in _DIFFUSION_CLASSES:
-        raise CliError(
-            f"--model {spec!r}: {config_file.name} names class {cls_name!r}; allowed: {', '.join(_DIFFUSION_CLASSES)}"
-        )
+    allowed = tmcore.adapters()["diffusers"].obj.model_classes if "diffusers" in tmcore.adapters() else ()
+    if cls_name not in allowed:
+        raise CliError(f"--model {spec!r}: {config_file.name} names class {cls_name!r}; allowed: {', '.join(allowed)}")
     cls = getattr(diffusers, cls_name)
     weights = path.is_dir() and any(path.glob("diffusion_pytorch_model*.safetensors"))
     try:

@@ -125,6 +125,8 @@ class Diffusers(Adapter):
     supported_versions = ">=0.30,<0.43"
     inputs = frozenset({"keys"})
     positions = frozenset({"attention"})
+    model_classes = _MODELS
+    """The diffusers model classes it patches, by name (``tmcore bench --model diffusers:`` loads these only)."""
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
